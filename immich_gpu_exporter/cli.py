@@ -1,0 +1,174 @@
+"""Command line: flags and subcommands, nothing else.
+
+    immich-gpu-exporter [serve] [flags]   run the daemon (default)
+    immich-gpu-exporter --once [flags]    one collection cycle, exposition on stdout, exit 0
+    immich-gpu-exporter check [flags]     validate the GPU setup (own issue)
+    immich-gpu-exporter demo [flags]      replay a CPU-then-CUDA scenario (own issue)
+
+Every configuration flag comes from `config.OPTIONS`. Invalid input: one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any, Sequence
+
+from . import __version__, config as configmod, logs
+
+PROG = "immich-gpu-exporter"
+COMMANDS = ("serve", "check", "demo")
+log = logging.getLogger("immich_gpu_exporter")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser(command: str = "serve") -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG}" if command == "serve" else f"{PROG} {command}",
+                description="Prometheus exporter that shows whether Immich really runs on the GPU.",
+                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file (flags > env > file > defaults)")
+    if command == "serve":
+        p.add_argument("--once", action="store_true",
+                       help="run one collection cycle of every enabled source, print the exposition, exit 0")
+        p.add_argument("--dry-run", action="store_true",
+                       help="validate flags, environment and config file, print the merged config, exit 0")
+    for o in configmod.OPTIONS:
+        if o.key in configmod.NOT_A_FLAG:
+            continue
+        if o.boolean:
+            p.add_argument(o.flag, dest=o.dest, action=argparse.BooleanOptionalAction, help=o.help)
+        elif o.repeatable:
+            p.add_argument(o.flag, dest=o.dest, action="append", metavar=o.metavar or "VALUE",
+                           help=f"{o.help} (default: {','.join(o.default)})")
+        else:
+            p.add_argument(o.flag, dest=o.dest, metavar=o.metavar or "VALUE",
+                           help=f"{o.help} (default: {o.default})")
+    return p
+
+
+def parse(argv: Sequence[str], environ: Any = None) -> tuple[str, argparse.Namespace, configmod.Config]:
+    argv = list(argv)
+    command = "serve"
+    if argv and argv[0] in COMMANDS:
+        command = argv.pop(0)
+    ns = build_parser(command).parse_args(argv)
+    flags = {}
+    for o in configmod.OPTIONS:
+        if hasattr(ns, o.dest):
+            flags[o.key] = getattr(ns, o.dest)
+    cfg = configmod.load(flags, getattr(ns, "config", None), environ)
+    return command, ns, cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        command, ns, cfg = parse(argv)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except configmod.ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    logs.setup(cfg["log.level"])
+    if command == "check":
+        from .check import run_check
+        return run_check(cfg)
+    if command == "demo":
+        from .demo import run_demo
+        return run_demo(cfg)
+    if getattr(ns, "dry_run", False):
+        for o in configmod.OPTIONS:
+            v = cfg[o.key]
+            if o.secret and v:
+                v = "<set>"
+            print(f"{o.key} = {v!r}  # {cfg.origin(o.key)}")
+        return 0
+    if getattr(ns, "once", False):
+        return run_once(cfg)
+    return serve(cfg)
+
+
+def make_daemon(cfg: configmod.Config):  # type: ignore[no-untyped-def]
+    from . import sources
+    from .daemon import Daemon
+
+    daemon = Daemon()
+    for name in sources.enabled(cfg):
+        daemon.add(sources.create(name, cfg, daemon.hub))
+    return daemon
+
+
+def run_once(cfg: configmod.Config) -> int:
+    async def go() -> bytes:
+        daemon = make_daemon(cfg)
+        await daemon.run_once()
+        return daemon.rendered.text
+
+    sys.stdout.buffer.write(asyncio.run(go()))
+    sys.stdout.flush()
+    return 0
+
+
+def split_listen(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.Event | None = None) -> None:
+    from aiohttp import web
+
+    from .http import make_app
+
+    daemon = daemon or make_daemon(cfg)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    host, port = split_listen(cfg["web.listen-address"])
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise SystemExit(f"{PROG}: error: cannot listen on {cfg['web.listen-address']}: {e.strerror or e}")
+    bound = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
+    log.info("%s %s listening on %s", PROG, __version__, ", ".join(f"{a[0]}:{a[1]}" for a in bound))
+    await daemon.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        try:
+            await asyncio.wait_for(daemon.stop(), 1.5)
+        except asyncio.TimeoutError:
+            log.warning("sources did not stop within 1.5s")
+        await runner.cleanup()
+
+
+def serve(cfg: configmod.Config) -> int:
+    try:
+        asyncio.run(serve_async(cfg))
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        raise
+    return 0

@@ -1,0 +1,398 @@
+"""One frozen, typed Config: flags > environment > TOML file > defaults.
+
+Every option is declared once in `OPTIONS` with its dotted key (`web.listen-address`), which
+gives at the same time the flag (`--web.listen-address`), the environment variable
+(`IMMICH_GPU_EXPORTER_WEB_LISTEN_ADDRESS`) and the TOML key (`[web] listen-address`).
+`load()` merges the layers and raises `ConfigError` with one line naming the key; the CLI
+turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from typing import Any, Callable, Mapping, Sequence
+
+ENV_PREFIX = "IMMICH_GPU_EXPORTER_"
+DEFAULT_PORT = 10283  # outside 9100-9999 and not one of Immich's ports (see README)
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+class ConfigError(Exception):
+    """An invalid configuration value; str() is the one line printed before exit 2."""
+
+
+# --- value parsers: str (flag/env) or TOML value -> typed value ---------------------------------
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        s = v.strip().lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+    raise ValueError(f"expected a boolean (true/false), got {v!r}")
+
+
+def _positive_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number of seconds, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number of seconds, got {v!r}") from None
+    if not f > 0 or f != f or f == float("inf"):
+        raise ValueError(f"must be a positive number of seconds, got {v!r}")
+    return f
+
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError(f"expected a positive integer, got {v!r}")
+    try:
+        i = int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a positive integer, got {v!r}") from None
+    if i <= 0 or (isinstance(v, float) and v != i):
+        raise ValueError(f"expected a positive integer, got {v!r}")
+    return i
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _opt_str(v: Any) -> str | None:
+    s = _str(v).strip()
+    return s or None
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        items = [x.strip() for x in v.split(",")]
+    elif isinstance(v, (list, tuple)):
+        items = []
+        for x in v:
+            if not isinstance(x, str):
+                raise ValueError(f"expected a list of strings, got an element of type {type(x).__name__}")
+            items.append(x.strip())
+    else:
+        raise ValueError(f"expected a list of strings, got {type(v).__name__}")
+    return tuple(x for x in items if x)
+
+
+def _url(v: Any) -> str:
+    s = _str(v).strip()
+    if not re.match(r"^https?://[^/\s]+", s):
+        raise ValueError(f"expected an http(s):// URL, got {s!r}")
+    return s.rstrip("/")
+
+
+def _opt_url(v: Any) -> str | None:
+    s = _str(v).strip()
+    return _url(s) if s else None
+
+
+def _listen_address(v: Any) -> str:
+    s = _str(v).strip()
+    m = re.match(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[^:]+)$", s)
+    if not m:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT}, [::]:{DEFAULT_PORT}), got {s!r}")
+    port_s = m.group("port")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"port out of range 0-65535: {port_s!r}")
+    host = m.group("v6") or m.group("host")
+    if m.group("v6"):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {host!r}") from None
+    return s
+
+
+def _log_level(v: Any) -> str:
+    s = _str(v).strip().lower()
+    if s not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"expected one of debug, info, warning, error, got {v!r}")
+    return s
+
+
+def _path(v: Any) -> str:
+    s = _str(v).strip()
+    if not s:
+        raise ValueError("expected a path, got an empty string")
+    return s
+
+
+def _opt_path(v: Any) -> str | None:
+    s = _str(v).strip()
+    return s or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    key: str  # dotted: section.name
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    repeatable: bool = False  # flag may be given several times (list)
+    boolean: bool = False  # --x / --no-x
+    metavar: str | None = None
+    secret: bool = False  # never echoed in errors or logs
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + re.sub(r"[.\-]", "_", self.key).upper()
+
+    @property
+    def dest(self) -> str:
+        return re.sub(r"[.\-]", "_", self.key)
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split(".", 1)[1]
+
+
+SYSTEMD_DEFAULT_UNITS = (
+    "immich-server.service",
+    "immich-machine-learning.service",
+    "nvidia-container-toolkit-cdi-generator.service",
+    "postgresql.service",
+    "redis-immich.service",
+)
+
+OPTIONS: tuple[Option, ...] = (
+    Option("web.listen-address", _listen_address, DEFAULT_LISTEN,
+           "address to serve /metrics on, HOST:PORT; use 0.0.0.0:PORT or [::]:PORT for all interfaces",
+           metavar="HOST:PORT"),
+    Option("log.level", _log_level, "info", "log level: debug, info, warning, error"),
+    Option("collection.interval", _positive_float, 5.0, "default seconds between collections of a source"),
+    Option("collection.timeout", _positive_float, 4.0,
+           "default seconds a collection may take before its source is marked down"),
+    Option("state.directory", _opt_path, None,
+           "directory for persistent state (journal cursor); default $STATE_DIRECTORY or "
+           "/var/lib/immich-gpu-exporter", metavar="DIR"),
+    Option("collector.nvml", _bool, True, "collect GPU use per Immich process from NVML", boolean=True),
+    Option("collector.systemd", _bool, True, "collect systemd unit states and tuning over D-Bus", boolean=True),
+    Option("collector.journal", _bool, True, "parse the ML service's journal for provider and fallback",
+           boolean=True),
+    Option("collector.immich", _bool, True, "poll the Immich API for job queues", boolean=True),
+    # NVML / attribution
+    Option("nvml.interval", _positive_float, 5.0, "seconds between NVML collections"),
+    Option("nvml.retry-interval", _positive_float, 300.0,
+           "seconds between attempts to load a missing NVML library"),
+    Option("gpu.pid-labels", _bool, False, "also expose per-PID series (pid, comm labels; they churn)",
+           boolean=True),
+    Option("component.ml", _str_list, ("immich-machine-learning.service", "immich_machine_learning"),
+           "unit or container name patterns (globs) of the ML component", repeatable=True, metavar="PATTERN"),
+    Option("component.server", _str_list, ("immich-server.service", "immich_server"),
+           "unit or container name patterns (globs) of the server component", repeatable=True, metavar="PATTERN"),
+    Option("docker.socket", _path, "/var/run/docker.sock", "Docker Engine API socket for container names"),
+    Option("proc.root", _path, "/proc", "procfs mount to read processes from"),
+    # systemd
+    Option("systemd.unit", _str_list, SYSTEMD_DEFAULT_UNITS, "unit to watch (repeatable)", repeatable=True,
+           metavar="UNIT"),
+    Option("systemd.interval", _positive_float, 5.0, "seconds between safety-net polls of the units"),
+    Option("systemd.cgroup-root", _opt_path, None,
+           "cgroupfs root the units' ControlGroup paths are relative to (default: detected)", metavar="DIR"),
+    # journal
+    Option("journal.unit", _str_list, ("immich-machine-learning.service",), "ML unit whose journal to follow",
+           repeatable=True, metavar="UNIT"),
+    Option("journal.server-unit", _str_list, ("immich-server.service",),
+           "server unit whose journal to follow for ML health lines", repeatable=True, metavar="UNIT"),
+    Option("journal.container-name", _str_list, ("immich_machine_learning",),
+           "CONTAINER_NAME of the ML container (Docker journald log driver)", repeatable=True, metavar="NAME"),
+    Option("journal.directory", _opt_path, None, "read the journal from this directory (like journalctl -D)",
+           metavar="DIR"),
+    Option("journal.journalctl", _path, "journalctl", "journalctl binary"),
+    Option("journal.fallback-grace", _positive_float, 120.0,
+           "seconds a GPU provider may be preferred with models loaded but no GPU memory before it counts as "
+           "a CPU fallback"),
+    Option("journal.backfill-entries", _positive_int, 5000,
+           "at first start without a cursor, read back at most this many entries of the unit's last start"),
+    # immich
+    Option("immich.url", _url, "http://localhost:2283", "Immich server URL"),
+    Option("immich.ml-url", _url, "http://localhost:3003", "Immich machine-learning service URL"),
+    Option("immich.api-key-file", _opt_path, None,
+           "file holding an admin API key with queue.read/job.read (systemd LoadCredential= works)",
+           metavar="FILE"),
+    Option("immich.api-key", _opt_str, None,
+           "API key (environment or config file only; prefer --immich.api-key-file)", secret=True),
+    Option("immich.telemetry-url", _opt_url, None,
+           "Immich microservices telemetry URL (usually http://HOST:8082/metrics) for exact job counters",
+           metavar="URL"),
+    Option("immich.interval", _positive_float, 5.0, "seconds between Immich API polls"),
+    Option("immich.timeout", _positive_float, 3.0, "seconds each Immich API request may take"),
+)
+
+OPTIONS_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
+NOT_A_FLAG = {"immich.api-key"}  # secrets never go on a command line
+
+
+class Config(Mapping[str, Any]):
+    """Immutable merged configuration; read with cfg["section.name"] or cfg.section.name.
+
+    `sources` records where each value came from (flag, env, file, default) for `check`.
+    """
+
+    __slots__ = ("_values", "_origin")
+
+    def __init__(self, values: Mapping[str, Any], origin: Mapping[str, str] | None = None) -> None:
+        missing = set(OPTIONS_BY_KEY) - set(values)
+        full = {o.key: o.default for o in OPTIONS}
+        full.update(values)
+        object.__setattr__(self, "_values", full)
+        object.__setattr__(self, "_origin", dict(origin or {k: "default" for k in missing}))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __setattr__(self, *_: Any) -> None:
+        raise AttributeError("Config is immutable")
+
+    def __getattr__(self, section: str) -> Any:
+        if section.startswith("_"):
+            raise AttributeError(section)
+        prefix = section.replace("_", "-") + "."
+        items = {k[len(prefix):].replace("-", "_"): v for k, v in self._values.items() if k.startswith(prefix)}
+        if not items:
+            raise AttributeError(section)
+        return _Section(items)
+
+    def origin(self, key: str) -> str:
+        return self._origin.get(key, "default")
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some keys changed; keys use underscores for dots and dashes (tests)."""
+        vals = dict(self._values)
+        for k, v in changes.items():
+            for o in OPTIONS:
+                if o.dest == k:
+                    vals[o.key] = v
+                    break
+            else:
+                raise KeyError(k)
+        return Config(vals, self._origin)
+
+    def __repr__(self) -> str:
+        shown = {k: ("<secret>" if OPTIONS_BY_KEY[k].secret and v else v) for k, v in self._values.items()}
+        return f"Config({shown!r})"
+
+
+class _Section:
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_items", dict(items))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, *_: Any) -> None:
+        raise AttributeError("Config is immutable")
+
+
+def defaults() -> Config:
+    return Config({o.key: o.default for o in OPTIONS}, {o.key: "default" for o in OPTIONS})
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config: cannot read {path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"config: cannot read {path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config: cannot read {path}: is a directory") from None
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for section, body in data.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"config: {path}: unknown key {section!r} (options live in sections, e.g. [web])")
+        for name, value in body.items():
+            key = f"{section}.{name}"
+            if key not in OPTIONS_BY_KEY:
+                raise ConfigError(f"config: {path}: unknown key {key!r}")
+            flat[key] = value
+    return flat
+
+
+def _parse(opt: Option, raw: Any, where: str) -> Any:
+    try:
+        return opt.parse(raw)
+    except ValueError as e:
+        msg = str(e)
+        if opt.secret:
+            msg = "invalid value"
+        raise ConfigError(f"{where}: invalid value for {opt.key}: {msg}") from None
+
+
+def load(flags: Mapping[str, Any], config_file: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Merge the layers. `flags` maps option keys to raw values given on the command line."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for o in OPTIONS:
+        values[o.key] = o.default
+        origin[o.key] = "default"
+    if config_file is None:
+        config_file = environ.get(ENV_PREFIX + "CONFIG") or None
+    if config_file:
+        for key, raw in _read_toml(config_file).items():
+            values[key] = _parse(OPTIONS_BY_KEY[key], raw, f"config file {config_file}")
+            origin[key] = "file"
+    known_env = {o.env: o for o in OPTIONS} | {ENV_PREFIX + "CONFIG": None}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        opt = known_env.get(name, False)
+        if opt is False:
+            raise ConfigError(f"environment: unknown variable {name}")
+        if opt is None:
+            continue
+        values[opt.key] = _parse(opt, raw, f"environment {name}")
+        origin[opt.key] = "env"
+    for key, raw in flags.items():
+        opt = OPTIONS_BY_KEY[key]
+        if opt.repeatable and isinstance(raw, (list, tuple)):
+            parsed: list[str] = []
+            for item in raw:
+                parsed.extend(_parse(opt, item, f"flag {opt.flag}"))
+            values[key] = tuple(parsed)
+        else:
+            values[key] = _parse(opt, raw, f"flag {opt.flag}")
+        origin[key] = "flag"
+    return Config(values, origin)
+
+
+def option_table() -> Sequence[Option]:
+    return OPTIONS

@@ -1,0 +1,273 @@
+"""The one place where metrics are named, and snapshot -> exposition rendering.
+
+`METRICS` lists every metric the exporter may expose: its type, HELP text and label names.
+Sources emit `core.Sample`s that must name a metric from this table with exactly its labels
+(tests enforce it); `render()` turns a `Snapshot` into the text exposition formats. The
+rendering is pure and runs once per snapshot change, never per scrape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+from typing import Iterable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .core import Sample, Snapshot
+
+FRESHNESS = (
+    " Collected in the background by the exporter's own loop, not at scrape time: the value is "
+    "as old as immich_gpu_exporter_source_last_success_timestamp_seconds of its source."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricDef:
+    name: str
+    type: str  # "gauge" or "counter"
+    help: str
+    labels: tuple[str, ...] = ()
+    source: str = "exporter"  # the source that emits it, for the docs
+
+    def __post_init__(self) -> None:
+        if self.type == "counter" and not self.name.endswith("_total"):
+            raise ValueError(f"counter {self.name} must end in _total")
+        if self.type != "counter" and self.name.endswith("_total"):
+            raise ValueError(f"gauge {self.name} must not end in _total")
+
+
+def _m(name: str, type_: str, help_: str, labels: Iterable[str] = (), source: str = "exporter") -> MetricDef:
+    return MetricDef(name, type_, help_, tuple(labels), source)
+
+
+_GPU = ("gpu", "uuid")
+_GROUP = ("gpu", "uuid", "component", "unit", "container")
+_PROC_GROUP = ("component", "unit", "container")
+
+_DEFS: list[MetricDef] = [
+    # --- exporter self-health -------------------------------------------------------------
+    _m("immich_gpu_exporter_build_info", "gauge", "Version of the exporter and of the Python running it; always 1.",
+       ("version", "python_version")),
+    _m("immich_gpu_exporter_source_up", "gauge",
+       "1 if the source's last collection succeeded, 0 if it is down (see source_errors_total for why).",
+       ("source",)),
+    _m("immich_gpu_exporter_source_last_success_timestamp_seconds", "gauge",
+       "Unix time of the source's last successful collection; values of a source are this old.", ("source",)),
+    _m("immich_gpu_exporter_source_duration_seconds", "gauge",
+       "Wall time of the source's last collection cycle, successful or not.", ("source",)),
+    _m("immich_gpu_exporter_source_errors_total", "counter",
+       "Failed or partly failed collections of the source, by short reason (library_not_found, no_bus, timeout, "
+       "unauthorized, ...).", ("source", "reason")),
+    # --- systemd -------------------------------------------------------------------------------
+    _m("immich_unit_state", "gauge",
+       "1 for the unit's current ActiveState, 0 for the others (node_exporter's node_systemd_unit_state shape).",
+       ("unit", "state"), "systemd"),
+    _m("immich_unit_info", "gauge", "Load state, sub state and unit-file state of a watched unit; always 1.",
+       ("unit", "load_state", "sub_state", "unit_file_state"), "systemd"),
+    _m("immich_unit_restarts_total", "counter", "Automatic restarts of the unit (systemd's NRestarts).", ("unit",),
+       "systemd"),
+    _m("immich_unit_active_enter_timestamp_seconds", "gauge",
+       "Unix time the unit last entered the active state (0 if never).", ("unit",), "systemd"),
+    _m("immich_unit_nice", "gauge", "Nice= that systemd applies to the unit's processes (configured tuning).",
+       ("unit",), "systemd"),
+    _m("immich_unit_memlock_limit_bytes", "gauge",
+       "LimitMEMLOCK= soft limit systemd applies to the unit, in bytes (+Inf for infinity; configured tuning).",
+       ("unit",), "systemd"),
+    _m("immich_unit_device_access_info", "gauge",
+       "The unit's DevicePolicy= and whether /dev/nvidia* device nodes are reachable (allowed, denied, "
+       "private_devices); always 1.", ("unit", "device_policy", "nvidia_devices"), "systemd"),
+    _m("immich_unit_processes", "gauge", "Processes in the unit's control group.", ("unit",), "systemd"),
+    # --- journal / ML service ------------------------------------------------------------------
+    _m("immich_ml_execution_provider", "gauge",
+       "1 for the ONNX Runtime execution provider the ML service effectively runs on, 0 for others seen.",
+       ("provider",), "journal"),
+    _m("immich_ml_preferred_execution_provider", "gauge",
+       "1 for the first provider of the latest 'Setting execution providers to [...]' line, 0 for others seen.",
+       ("provider",), "journal"),
+    _m("immich_ml_cpu_fallback", "gauge",
+       "1 when a GPU execution provider is preferred but the ML service runs on CPU, else 0.", (), "journal"),
+    _m("immich_ml_provider_errors_total", "counter",
+       "Execution-provider failures seen in the ML log, by provider and kind (create_failed, library_load, "
+       "cuda_failure, ep_fallback, not_available, no_gpu_memory).", ("provider", "kind"), "journal"),
+    _m("immich_ml_model_loads_total", "counter", "Model loads logged by the ML service.",
+       ("model_type", "model_name"), "journal"),
+    _m("immich_ml_model_loaded", "gauge", "1 while the model is loaded in the ML worker (0 after idle shutdown).",
+       ("model_type", "model_name"), "journal"),
+    _m("immich_ml_worker_exits_total", "counter",
+       "ML worker exits by reason (inactivity, timeout, oom_kill, signal, error).", ("reason",), "journal"),
+    _m("immich_ml_worker_boots_total", "counter", "ML worker processes booted by gunicorn.", (), "journal"),
+    _m("immich_ml_server_healthy", "gauge",
+       "1 if the Immich server last logged the ML service healthy, 0 if unhealthy.", (), "journal"),
+    _m("immich_ml_log_entries_total", "counter", "Journal entries read from the unit, by log level.",
+       ("unit", "level"), "journal"),
+    _m("immich_gpu_exporter_journal_unrecognized_total", "counter",
+       "Journal entries that matched no parser rule (not an error; a hint for new log formats).", ("unit",),
+       "journal"),
+    _m("immich_ml_last_provider_change_timestamp_seconds", "gauge",
+       "Unix time the effective execution provider last changed.", (), "journal"),
+    # --- Immich API ----------------------------------------------------------------------------
+    _m("immich_server_up", "gauge", "1 if the Immich server answered /api/server/ping.", (), "immich"),
+    _m("immich_ml_up", "gauge", "1 if the ML service answered /ping.", (), "immich"),
+    _m("immich_server_info", "gauge", "Version of the Immich server; always 1.", ("version",), "immich"),
+    _m("immich_server_feature_enabled", "gauge", "1 if the server reports the feature enabled.", ("feature",),
+       "immich"),
+    _m("immich_queue_jobs", "gauge",
+       "Jobs in the queue by state (waiting, active, delayed, failed, paused). 'completed' is omitted: Immich "
+       "removes finished jobs.", ("queue", "state"), "immich"),
+    _m("immich_queue_paused", "gauge", "1 if the queue is paused.", ("queue",), "immich"),
+    _m("immich_queue_active_job_seconds_total", "counter",
+       "Integral of active jobs over time (job-seconds of work), by the ML provider in force.", ("queue", "provider"),
+       "immich"),
+    _m("immich_queue_jobs_processed_total", "counter",
+       "Jobs finished, by the ML provider in force; exact with telemetry, estimated from backlog decreases "
+       "otherwise (see immich_queue_processed_method_info).", ("queue", "provider"), "immich"),
+    _m("immich_queue_processed_method_info", "gauge",
+       "How jobs_processed_total is counted: telemetry (exact) or backlog (estimate); always 1.", ("method",),
+       "immich"),
+    _m("immich_queue_last_run_duration_seconds", "gauge",
+       "Duration of the queue's last backlog run (idle -> busy -> idle).", ("queue",), "immich"),
+    _m("immich_queue_last_run_jobs", "gauge", "Jobs processed during the queue's last backlog run.", ("queue",),
+       "immich"),
+    _m("immich_queue_drain_eta_seconds", "gauge",
+       "Estimated seconds until the busy queue's backlog is empty, at the current run's rate.", ("queue",), "immich"),
+    # --- NVML / per process --------------------------------------------------------------------
+    _m("immich_gpu_info", "gauge", "A GPU seen by NVML; always 1.", ("gpu", "uuid", "name", "driver_version"),
+       "nvml"),
+    _m("immich_gpu_utilization_ratio", "gauge", "Fraction of time a kernel ran on the GPU (0-1).", _GPU, "nvml"),
+    _m("immich_gpu_memory_used_bytes", "gauge", "GPU memory in use, in bytes.", _GPU, "nvml"),
+    _m("immich_gpu_memory_total_bytes", "gauge", "GPU memory in total, in bytes.", _GPU, "nvml"),
+    _m("immich_gpu_process_memory_used_bytes", "gauge",
+       "GPU memory held by the processes of an Immich component (unit or container), summed.", _GROUP, "nvml"),
+    _m("immich_gpu_process_sm_utilization_ratio", "gauge",
+       "SM utilisation of the group's processes (0-1, summed).", _GROUP, "nvml"),
+    _m("immich_gpu_process_memory_utilization_ratio", "gauge",
+       "Memory-controller utilisation of the group's processes (0-1, summed).", _GROUP, "nvml"),
+    _m("immich_gpu_process_encoder_utilization_ratio", "gauge",
+       "NVENC utilisation of the group's processes (0-1, summed).", _GROUP, "nvml"),
+    _m("immich_gpu_process_decoder_utilization_ratio", "gauge",
+       "NVDEC utilisation of the group's processes (0-1, summed).", _GROUP, "nvml"),
+    _m("immich_gpu_processes", "gauge", "Processes of the group that use the GPU.", _GROUP, "nvml"),
+    _m("immich_gpu_pid_memory_used_bytes", "gauge",
+       "GPU memory of one process (only with --gpu.pid-labels; PID labels churn).",
+       ("gpu", "uuid", "component", "unit", "container", "pid", "comm"), "nvml"),
+    _m("immich_gpu_pid_sm_utilization_ratio", "gauge",
+       "SM utilisation of one process (only with --gpu.pid-labels).",
+       ("gpu", "uuid", "component", "unit", "container", "pid", "comm"), "nvml"),
+    _m("immich_process_nice", "gauge", "Lowest nice value among the component's processes (applied tuning).",
+       _PROC_GROUP, "nvml"),
+    _m("immich_process_memlock_limit_bytes", "gauge",
+       "RLIMIT_MEMLOCK soft limit of the component's processes, lowest over the group (+Inf if unlimited).",
+       _PROC_GROUP, "nvml"),
+    _m("immich_process_resident_memory_bytes", "gauge", "Resident memory of the component's processes, summed.",
+       _PROC_GROUP, "nvml"),
+    _m("immich_process_cpu_seconds_total", "counter",
+       "CPU time of the component's live processes, summed (user + system).", _PROC_GROUP, "nvml"),
+]
+
+METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}
+assert len(METRICS) == len(_DEFS), "duplicate metric definition"
+
+
+class UnknownMetric(ValueError):
+    pass
+
+
+def check_sample(s: Sample) -> None:
+    """Raise if a sample names an undefined metric or the wrong label set (used by tests)."""
+    d = METRICS.get(s.name)
+    if d is None:
+        raise UnknownMetric(f"{s.name} is not defined in metrics.METRICS")
+    got = tuple(k for k, _ in s.labels)
+    if tuple(sorted(d.labels)) != got:
+        raise UnknownMetric(f"{s.name}: labels {got} != defined {tuple(sorted(d.labels))}")
+
+
+def self_health_samples(snapshot: Snapshot) -> Iterator[Sample]:
+    from .core import sample
+
+    yield sample("immich_gpu_exporter_build_info", 1, **snapshot.build)
+    for name, st in sorted(snapshot.sources.items()):
+        yield sample("immich_gpu_exporter_source_up", 1 if st.up else 0, source=name)
+        if st.last_success is not None:
+            yield sample("immich_gpu_exporter_source_last_success_timestamp_seconds", st.last_success, source=name)
+        if st.duration is not None:
+            yield sample("immich_gpu_exporter_source_duration_seconds", st.duration, source=name)
+        for reason, n in sorted(st.errors.items()):
+            yield sample("immich_gpu_exporter_source_errors_total", n, source=name, reason=reason)
+
+
+def families(snapshot: Snapshot) -> list[Metric]:
+    """Snapshot -> metric families in METRICS order (stable output for golden files)."""
+    by_name: dict[str, list[Sample]] = {}
+    for s in self_health_samples(snapshot):
+        by_name.setdefault(s.name, []).append(s)
+    for _, st in sorted(snapshot.sources.items()):
+        for s in st.samples:
+            by_name.setdefault(s.name, []).append(s)
+    out: list[Metric] = []
+    for d in _DEFS:
+        samples = by_name.get(d.name)
+        if not samples:
+            continue
+        help_ = d.help + ("" if d.source == "exporter" and not d.name.startswith("immich_gpu_exporter_source")
+                          else FRESHNESS)
+        if d.type == "counter":
+            fam: Metric = CounterMetricFamily(d.name[: -len("_total")], help_, labels=d.labels)
+        else:
+            fam = GaugeMetricFamily(d.name, help_, labels=d.labels)
+        seen: set[tuple[str, ...]] = set()
+        for s in sorted(samples, key=lambda s: s.labels):
+            lab = dict(s.labels)
+            values = [lab.get(n, "") for n in d.labels]
+            key = tuple(values)
+            if key in seen:  # two sources must never emit the same series; first wins
+                continue
+            seen.add(key)
+            fam.add_metric(values, s.value)
+        out.append(fam)
+    return out
+
+
+class _Families(Collector):
+    def __init__(self, fams: list[Metric]) -> None:
+        self._fams = fams
+
+    def collect(self) -> Iterable[Metric]:
+        return self._fams
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """The cached bytes served by /metrics for one snapshot version."""
+
+    version: int
+    text: bytes
+    text_gzip: bytes
+    openmetrics: bytes
+
+
+CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def render(snapshot: Snapshot) -> Rendered:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Families(families(snapshot)))
+    text = generate_latest(reg)
+    om = generate_openmetrics(reg)
+    return Rendered(snapshot.version, text, gzip.compress(text, compresslevel=6, mtime=0), om)
+
+
+def render_text(snapshot: Snapshot) -> bytes:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Families(families(snapshot)))
+    return generate_latest(reg)
+
+
+def is_finite(v: float) -> bool:
+    return not (math.isnan(v) or math.isinf(v))

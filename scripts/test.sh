@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs (Debian/Ubuntu, as root) and runs the whole suite.
+# Skips are failures here (IMMICH_GPU_EXPORTER_TEST_NO_SKIP=1): every test must really run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  python3 python3-venv python3-dev gcc pkg-config libsystemd-dev   # pystemd builds from source
+  systemd dbus util-linux systemd-journal-remote                   # real systemd/journald/dbus fixtures, journal files
+  prometheus prometheus-alertmanager                                # promtool, a real Prometheus and Alertmanager
+  nix-bin                                                           # nix-instantiate for the NixOS modules
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+export IMMICH_GPU_EXPORTER_TEST_NO_SKIP=1
+exec .venv/bin/python -m pytest -q -rfEs "$@"

@@ -1,0 +1,1 @@
+"""Shared test helpers: free ports, waiting, the exporter as a real subprocess."""
