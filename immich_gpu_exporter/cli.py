@@ -74,6 +74,10 @@ def parse(argv: Sequence[str], environ: Any = None) -> tuple[str, argparse.Names
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--immich.api-key" or a.startswith("--immich.api-key=") for a in argv):
+        print(f"{PROG}: error: immich.api-key is not accepted as a flag (every user can read command lines); "
+              "use --immich.api-key-file or IMMICH_GPU_EXPORTER_IMMICH_API_KEY", file=sys.stderr)
+        return 2
     try:
         command, ns, cfg = parse(argv)
     except UsageError as e:

@@ -23,7 +23,7 @@ class Sample:
     value: float
 
 
-def sample(name: str, value: float, **labels: Any) -> Sample:
+def sample(name: str, value: float, /, **labels: Any) -> Sample:
     """Build a sample; label values are stringified, `None` becomes the empty string."""
     return Sample(
         name,

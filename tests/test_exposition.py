@@ -1,0 +1,132 @@
+"""Rendering: golden exposition files compared byte for byte, promtool lint, metric contracts."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+from types import MappingProxyType
+
+import pytest
+
+from immich_gpu_exporter import metrics, reference
+from immich_gpu_exporter.core import SourceState, Snapshot, sample
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+def snapshot_fixture() -> Snapshot:
+    """A deterministic snapshot: one healthy source of each kind and one down."""
+    inf = float("inf")
+    nvml = SourceState(
+        "nvml", True, 1795700000.0, 0.0125, errors=MappingProxyType({"gpu_lost": 1}),
+        samples=(
+            sample("immich_gpu_info", 1, gpu="0", uuid="GPU-1111", name="NVIDIA GeForce RTX 3060", driver_version="550.54.15"),
+            sample("immich_gpu_utilization_ratio", 0.37, gpu="0", uuid="GPU-1111"),
+            sample("immich_gpu_memory_used_bytes", 3221225472, gpu="0", uuid="GPU-1111"),
+            sample("immich_gpu_memory_total_bytes", 12884901888, gpu="0", uuid="GPU-1111"),
+            sample("immich_gpu_process_memory_used_bytes", 524288000, gpu="0", uuid="GPU-1111", component="ml",
+                   unit="immich-machine-learning.service", container=""),
+            sample("immich_gpu_process_memory_used_bytes", 16777216, gpu="0", uuid="GPU-1111", component="other",
+                   unit="", container=""),
+            sample("immich_gpu_processes", 1, gpu="0", uuid="GPU-1111", component="ml",
+                   unit="immich-machine-learning.service", container=""),
+            sample("immich_process_memlock_limit_bytes", inf, component="ml", unit="immich-machine-learning.service",
+                   container=""),
+            sample("immich_process_cpu_seconds_total", 12.5, component="ml", unit="immich-machine-learning.service",
+                   container=""),
+        ),
+    )
+    journal = SourceState(
+        "journal", True, 1795700001.5, 0.001,
+        samples=(
+            sample("immich_ml_execution_provider", 1, provider="CPUExecutionProvider"),
+            sample("immich_ml_execution_provider", 0, provider="CUDAExecutionProvider"),
+            sample("immich_ml_preferred_execution_provider", 1, provider="CUDAExecutionProvider"),
+            sample("immich_ml_cpu_fallback", 1),
+            sample("immich_ml_provider_errors_total", 2, provider="CUDAExecutionProvider", kind="create_failed"),
+            sample("immich_ml_model_loaded", 1, model_type="visual", model_name="ViT-B-32__openai"),
+        ),
+    )
+    systemd = SourceState("systemd", False, None, 0.002, "cannot open the system bus", "no_bus",
+                          MappingProxyType({"no_bus": 3}), cycles=3)
+    return Snapshot(7, MappingProxyType({"nvml": nvml, "journal": journal, "systemd": systemd}),
+                    MappingProxyType({"version": "0.0.0-test", "python_version": "3.11.7"}))
+
+
+def _golden(name: str, data: bytes) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_bytes(data)
+    assert path.exists(), f"missing {path}; regenerate with UPDATE_GOLDEN=1"
+    assert data == path.read_bytes(), f"{name} differs from the golden file (see tests/golden/README.md)"
+
+
+def test_text_exposition_matches_golden_byte_for_byte():
+    _golden("snapshot.prom", metrics.render(snapshot_fixture()).text)
+
+
+def test_openmetrics_exposition_matches_golden_byte_for_byte():
+    _golden("snapshot.openmetrics", metrics.render(snapshot_fixture()).openmetrics)
+
+
+def test_gzip_variant_is_the_same_text():
+    r = metrics.render(snapshot_fixture())
+    assert gzip.decompress(r.text_gzip) == r.text
+
+
+def test_infinity_and_down_sources_are_rendered():
+    text = metrics.render(snapshot_fixture()).text.decode()
+    assert 'immich_process_memlock_limit_bytes{component="ml",container="",unit="immich-machine-learning.service"} +Inf' in text
+    assert 'immich_gpu_exporter_source_up{source="systemd"} 0.0' in text
+    assert 'immich_gpu_exporter_source_errors_total{reason="no_bus",source="systemd"} 3.0' in text
+    # a source that never succeeded has no last-success series rather than a fake 0
+    assert 'last_success_timestamp_seconds{source="systemd"}' not in text
+
+
+def test_duplicate_series_from_two_places_are_emitted_once():
+    snap = snapshot_fixture()
+    st = snap.sources["journal"]
+    dup = SourceState(st.name, True, st.last_success, st.duration, samples=st.samples + (sample("immich_ml_cpu_fallback", 0),))
+    snap2 = Snapshot(8, MappingProxyType({**snap.sources, "journal": dup}), snap.build)
+    text = metrics.render(snap2).text.decode()
+    assert len(re.findall(r"^immich_ml_cpu_fallback ", text, re.M)) == 1
+
+
+@pytest.mark.parametrize("name", ["snapshot.prom"])
+def test_promtool_check_metrics_is_clean(name):
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: apt-get install prometheus"
+    r = subprocess.run([promtool, "check", "metrics"], input=(GOLDEN / name).read_bytes(), capture_output=True)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
+def test_every_defined_metric_passes_promtool_naming_rules():
+    """Render one sample of every metric in METRICS and lint the whole lot."""
+    samples = tuple(sample(d.name, 1, **{k: "x" for k in d.labels}) for d in metrics.METRICS.values()
+                    if not d.name.startswith("immich_gpu_exporter_"))
+    snap = Snapshot(1, MappingProxyType({"all": SourceState("all", True, 1.0, 0.1, samples=samples)}),
+                    MappingProxyType({"version": "t", "python_version": "3"}))
+    text = metrics.render(snap).text
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+    for d in metrics.METRICS.values():
+        assert "percent" not in d.name and "_ms" not in d.name
+        assert d.help.endswith("."), d.name
+
+
+def test_check_sample_rejects_undefined_names_and_wrong_labels():
+    metrics.check_sample(sample("immich_ml_cpu_fallback", 1))
+    with pytest.raises(metrics.UnknownMetric):
+        metrics.check_sample(sample("immich_nope", 1))
+    with pytest.raises(metrics.UnknownMetric):
+        metrics.check_sample(sample("immich_ml_cpu_fallback", 1, provider="x"))
+
+
+def test_metric_reference_is_in_sync():
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    assert doc == reference.metrics_markdown(), "run: python -m immich_gpu_exporter.reference"
