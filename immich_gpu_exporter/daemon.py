@@ -42,6 +42,7 @@ class Daemon:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._first_cycle: set[str] = set()
+        self.openmetrics_wanted = False  # set by the HTTP layer once a client asked for OpenMetrics
         self._down_logged: dict[str, str] = {}
         for s in sources or ():
             self.add(s)
@@ -60,7 +61,7 @@ class Daemon:
         r = self._rendered
         if r is None or r.version != self._snapshot.version and not self._tasks:
             # No renderer task (tests, --once): render synchronously.
-            r = self._rendered = render(self._snapshot)
+            r = self._rendered = render(self._snapshot, self.openmetrics_wanted)
         return r
 
     @property
@@ -176,6 +177,6 @@ class Daemon:
             await asyncio.sleep(0.01)  # coalesce several sources publishing at once
             self._changed.clear()
             try:
-                self._rendered = render(self._snapshot)
+                self._rendered = render(self._snapshot, self.openmetrics_wanted)
             except Exception:
                 log.exception("rendering the exposition failed")

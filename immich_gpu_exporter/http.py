@@ -38,8 +38,10 @@ def _wants_openmetrics(request: web.Request) -> bool:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    r = request.app[DAEMON_KEY].rendered  # type: ignore[attr-defined]
+    daemon = request.app[DAEMON_KEY]
+    r = daemon.rendered  # type: ignore[attr-defined]
     if _wants_openmetrics(request):
+        daemon.openmetrics_wanted = True  # type: ignore[attr-defined]
         return web.Response(body=r.openmetrics, headers={"Content-Type": CONTENT_TYPE_OPENMETRICS})
     if _accepts_gzip(request):
         return web.Response(body=r.text_gzip, headers={"Content-Type": CONTENT_TYPE_TEXT,

@@ -130,3 +130,18 @@ def test_check_sample_rejects_undefined_names_and_wrong_labels():
 def test_metric_reference_is_in_sync():
     doc = (pathlib.Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
     assert doc == reference.metrics_markdown(), "run: python -m immich_gpu_exporter.reference"
+
+
+def test_hand_written_text_renderer_matches_client_python_even_for_odd_label_values():
+    from prometheus_client.exposition import generate_latest
+
+    snap = snapshot_fixture()
+    odd = SourceState("journal", True, 1.0, 0.1, samples=(
+        sample("immich_ml_model_loaded", 1, model_type='vis"ual', model_name="C:\\models\\x\nnew line"),
+        sample("immich_ml_model_loads_total", float("nan"), model_type="ünï", model_name=""),
+        sample("immich_ml_cpu_fallback", -0.0),
+    ))
+    snap = Snapshot(9, MappingProxyType({**snap.sources, "journal": odd}), snap.build)
+    ours = metrics.render(snap).text
+    theirs = generate_latest(metrics._registry(metrics.families(snap)))
+    assert ours == theirs
