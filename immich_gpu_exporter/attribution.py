@@ -64,6 +64,7 @@ class Placement:
     container_id: str = ""  # full 64-hex id
     runtime: str = ""  # docker, cri-containerd, crio, libpod, kubepods, ...
     pod_uid: str = ""  # Kubernetes pod UID, dashed
+    owner_cgroup: str = ""  # the cgroup of the unit or container itself (the top of its subtree)
 
 
 def _segments(path: str) -> list[str]:
@@ -75,6 +76,7 @@ def placement(path: str, hierarchy: str = "") -> Placement:
     """Unit / container / pod of a cgroup path (pure)."""
     segs = _segments(path)
     unit = container = runtime = pod = ""
+    unit_at = container_at = -1
     for i, seg in enumerate(segs):
         m = _POD_SLICE.match(seg)
         if m:
@@ -86,6 +88,7 @@ def placement(path: str, hierarchy: str = "") -> Placement:
             pod = m.group(1)
             runtime = "kubepods"
             continue
+        container_at = i
         m = _SCOPE.match(seg)
         if m:
             runtime, container = m.group(1), m.group(2)
@@ -103,10 +106,16 @@ def placement(path: str, hierarchy: str = "") -> Placement:
             break
         if not unit and seg.endswith(UNIT_SUFFIXES) and not seg.endswith(".slice"):
             # The outermost unit owns its subtree (delegated children, user managers' units).
-            unit = seg
-    if container or pod:
+            unit, unit_at = seg, i
+    owner = -1
+    if container:
+        unit, owner = "", container_at
+    elif pod:
         unit = ""
-    return Placement("/" + "/".join(segs), hierarchy, unit, container, runtime, pod)
+    elif unit:
+        owner = unit_at
+    return Placement("/" + "/".join(segs), hierarchy, unit, container, runtime, pod,
+                     "/" + "/".join(segs[: owner + 1]) if owner >= 0 else "")
 
 
 # v1 hierarchies to consult when the v2 line says nothing (pure v1 hosts, Docker on cgroup v1).

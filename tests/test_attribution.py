@@ -249,3 +249,14 @@ async def test_docker_names_on_a_dead_socket_is_best_effort(tmp_path):
         await names.close()
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("text,owner", [
+    ("0::/system.slice/system-immich.slice/immich-machine-learning.service/worker/gunicorn\n",
+     "/system.slice/system-immich.slice/immich-machine-learning.service"),
+    (f"0::/system.slice/docker-{ID}.scope/init.scope\n", f"/system.slice/docker-{ID}.scope"),
+    (v1(f"/docker/{ID}"), f"/docker/{ID}"),
+    ("0::/\n", ""),
+])
+def test_owner_cgroup_is_the_top_of_the_unit_or_container_subtree(text, owner):
+    assert attr.locate(text).owner_cgroup == owner

@@ -480,8 +480,8 @@ class NvmlSource(Source):
 
         views = {pid: view(pid, info) for pid, info in infos.items()}
         # Immich groups seen on the GPU whose membership systemd does not already give.
-        cgroups = {(i.placement.hierarchy, i.placement.cgroup) for pid, i in infos.items()
-                   if i is not None and views[pid].who.component != attr.OTHER
+        cgroups = {(i.placement.hierarchy, i.placement.owner_cgroup) for pid, i in infos.items()
+                   if i is not None and views[pid].who.component != attr.OTHER and i.placement.owner_cgroup
                    and (i.placement.container_id or i.placement.unit not in unit_pids)}
         groups: dict[attr.Identity, dict[int, ProcView]] = {}
         if unit_pids or cgroups:

@@ -103,3 +103,70 @@ def env_for(lib_dir: pathlib.Path | None, scenario: Scenario | pathlib.Path) -> 
     if lib_dir is not None:
         env["LD_LIBRARY_PATH"] = str(lib_dir)
     return env
+
+
+# --- real cgroups for attribution tests ----------------------------------------------------------
+
+def cgroup2_mount() -> pathlib.Path | None:
+    for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split()[:1] == ["cgroup2"] and left.split()[3] == "/":
+            return pathlib.Path(left.split()[4])
+    return None
+
+
+class CgroupTree:
+    """Cgroups created under the cgroup2 mount inside a private top directory, with processes
+    moved into them. `close()` kills the processes it started and removes every cgroup bottom-up,
+    also after a failed test."""
+
+    def __init__(self, name: str) -> None:
+        mount = cgroup2_mount()
+        if mount is None or not os.access(mount, os.W_OK):
+            pytest.skip("needs a writable cgroup2 mount (run as root)")
+        self.mount = mount
+        self.top = mount / name
+        self.top.mkdir()
+        self.procs: list[subprocess.Popen] = []
+
+    def path(self, rel: str) -> str:
+        """The cgroup path as /proc/<pid>/cgroup shows it."""
+        return "/" + str((self.top / rel).relative_to(self.mount))
+
+    def spawn(self, rel: str, argv: list[str] | None = None, nice: int = 0, memlock: int | None = None) -> int:
+        d = self.top / rel
+        d.mkdir(parents=True, exist_ok=True)
+
+        def pre() -> None:  # runs in the child before exec: join the cgroup, set the tuning
+            (d / "cgroup.procs").write_text(str(os.getpid()))
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, 0, nice)
+            if memlock is not None:
+                import resource
+                resource.setrlimit(resource.RLIMIT_MEMLOCK, (memlock, memlock))
+
+        p = subprocess.Popen(argv or ["sleep", "300"], preexec_fn=pre, stdin=subprocess.DEVNULL)
+        self.procs.append(p)
+        return p.pid
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        dirs = sorted((d for d in self.top.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True)
+        for d in [*dirs, self.top]:
+            for _ in range(50):  # a killed process leaves its cgroup a moment after wait()
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+    def __enter__(self) -> "CgroupTree":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
