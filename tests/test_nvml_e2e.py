@@ -321,3 +321,28 @@ def test_daemon_no_new_samples_keep_the_last_value_and_gone_processes_disappear(
         assert ex.value(m, "immich_gpu_pid_memory_used_bytes", pid=str(first)) is None
         assert ex.value(m, "immich_gpu_pid_sm_utilization_ratio", pid=str(first)) is None
         assert ex.value(m, "immich_gpu_process_memory_used_bytes", component="other") == 20
+
+
+# --- the GPU smoke script's checker, against the fake -------------------------------------------------
+
+def test_gpu_smoke_checker_passes_on_an_attributed_load_and_fails_on_a_missing_one(fake_lib, scenario):
+    import subprocess
+    import sys
+    from tests.support.proc import ROOT
+    with CgroupTree(f"igx-test-{uuid.uuid4().hex[:8]}") as cg:
+        load = cg.spawn("system.slice/immich-machine-learning.service")
+        scenario.compute(load, 512 * 2**20).sample(load, 0.2, 70, 30)
+        scenario.write()
+        r = run_cli(["--once", *ONLY_NVML, "--gpu.pid-labels"], env=env_for(fake_lib, scenario))
+
+    def check(*args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_smoke_check.py"), *args],
+                              input=r.stdout, capture_output=True, text=True)
+    ok = check("--pid", str(load), "--unit", "immich-machine-learning.service", "--component", "ml",
+               "--need-utilization")
+    assert ok.returncode == 0, ok.stdout
+    assert "FAIL" not in ok.stdout and ok.stdout.count("PASS") == 7
+    bad = check("--pid", str(load), "--unit", "immich-server.service", "--component", "server")
+    assert bad.returncode == 1 and "FAIL PID" in bad.stdout
+    gone = check("--pid", "999999999")
+    assert gone.returncode == 1 and "FAIL load PID 999999999" in gone.stdout
