@@ -346,3 +346,43 @@ def test_gpu_smoke_checker_passes_on_an_attributed_load_and_fails_on_a_missing_o
     assert bad.returncode == 1 and "FAIL PID" in bad.stdout
     gone = check("--pid", "999999999")
     assert gone.returncode == 1 and "FAIL load PID 999999999" in gone.stdout
+
+
+UNIT_PIDS_PROBE = r"""
+import asyncio, json, sys
+from types import MappingProxyType
+from immich_gpu_exporter import config
+from immich_gpu_exporter.core import Snapshot, SourceState
+from immich_gpu_exporter.sources.base import Hub
+from immich_gpu_exporter.sources.nvml import NvmlSource
+facts = {"unit_pids": {"immich-server.service": tuple(json.loads(sys.argv[1])), "postgresql.service": (1,)}}
+snap = Snapshot(1, MappingProxyType({"systemd": SourceState("systemd", up=True, facts=MappingProxyType(facts))}), {})
+async def main():
+    src = NvmlSource(config.load({}, None, {}), Hub(lambda: snap))
+    r = await src.collect()
+    await src.close()
+    print(json.dumps({"samples": [[s.name, dict(s.labels), s.value] for s in r.samples],
+                      "facts": {k: list(v) if isinstance(v, tuple) else v for k, v in r.facts.items()}}))
+asyncio.run(main())
+"""
+
+
+def test_systemd_unit_pids_give_tuning_metrics_without_gpu_processes(fake_lib, scenario):
+    """The server unit has no GPU process; its PIDs from the systemd source's facts still give
+    immich_process_* for it. Non-Immich units are not reported. The facts are published."""
+    import json
+    import subprocess
+    import sys
+    from tests.support.proc import ROOT, exporter_env
+    with CgroupTree(f"igx-test-{uuid.uuid4().hex[:8]}") as cg:
+        a = cg.spawn("x", nice=3)
+        b = cg.spawn("x", nice=5)
+        ml = cg.spawn("system.slice/immich-machine-learning.service")
+        scenario.compute(ml, 700).write()
+        r = subprocess.run([sys.executable, "-c", UNIT_PIDS_PROBE, json.dumps([a, b])], capture_output=True,
+                           text=True, env=exporter_env(env_for(fake_lib, scenario)), cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    nice = {(lab["component"], lab["unit"]): v for n, lab, v in out["samples"] if n == "immich_process_nice"}
+    assert nice == {("server", "immich-server.service"): 3, ("ml", "immich-machine-learning.service"): 0}
+    assert out["facts"] == {"component_gpu_memory": {"ml": 700, "server": 0}, "gpu_pids": [ml]}
