@@ -8,9 +8,7 @@ cases place real processes into real cgroups named like Immich's units and conta
 from __future__ import annotations
 
 import asyncio
-import math
 import os
-import pathlib
 import shutil
 import threading
 import uuid

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
-import math
 import re
 import time
 from typing import Any, Iterable, Mapping, Sequence
