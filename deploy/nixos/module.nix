@@ -188,7 +188,7 @@ in
         SystemCallArchitectures = "native";
         SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
         SystemCallErrorNumber = "EPERM";
-        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+        RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6";
       };
     };
   };
