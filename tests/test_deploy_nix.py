@@ -149,6 +149,11 @@ def test_defaults_match_the_exporter_defaults(tmp_path):
     assert result["firewall"] == [] and result["exporterService"]["serviceConfig"]["LoadCredential"] == []
 
 
+def test_module_creates_the_service_user():
+    users = evaluate(OPTION_SETS["defaults"])["users"]
+    assert users["immich-gpu-exporter"]["isSystemUser"] is True
+
+
 def test_disabled_module_defines_no_service():
     result = evaluate("services.immich-gpu-exporter.enable = false;")
     assert result["exporterService"] is None

@@ -63,7 +63,7 @@ def test_security_exposure_is_at_most_2_5(tmp_path):
 def test_security_threshold_fails_a_weakened_unit(tmp_path):
     """The threshold gate is live: dropping the user and capability hardening must fail it."""
     weak = "\n".join(line for line in render_test_unit(UNIT_TEXT).splitlines()
-                     if not line.startswith(("DynamicUser=", "CapabilityBoundingSet=", "SystemCallFilter=",
+                     if not line.startswith(("User=", "Group=", "CapabilityBoundingSet=", "SystemCallFilter=",
                                              "ProtectSystem=", "PrivateTmp=", "ProtectHome=")))
     path = write_test_unit(tmp_path, weak)
     r = systemd_analyze("security", "--offline=yes", "--threshold=25", "--no-pager", str(path))
@@ -119,6 +119,6 @@ def test_devices_are_closed_except_nvidia_and_proc_stays_visible():
     # PrivateDevices=yes would drop /dev/nvidia*; ProtectProc=invisible would hide immich's PIDs
     assert "PrivateDevices" not in d
     assert d["ProtectProc"] == ["default"] and d["ProcSubset"] == ["all"]
-    assert d["DynamicUser"] == ["yes"] and d["NoNewPrivileges"] == ["yes"] and d["CapabilityBoundingSet"] == [""]
+    assert d["User"] == ["immich-gpu-exporter"] and "DynamicUser" not in d and d["NoNewPrivileges"] == ["yes"] and d["CapabilityBoundingSet"] == [""]
     assert d["MemoryDenyWriteExecute"] == ["yes"]
     assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]

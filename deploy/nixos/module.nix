@@ -137,6 +137,15 @@ in
   };
 
   config = mkIf cfg.enable {
+    # A static system user rather than DynamicUser=: dbus-daemon drops connections from uids it
+    # cannot resolve (see the shipped unit); NixOS may run either dbus-daemon or dbus-broker.
+    users.users.immich-gpu-exporter = {
+      isSystemUser = true;
+      group = "immich-gpu-exporter";
+      description = "Immich GPU exporter";
+    };
+    users.groups.immich-gpu-exporter = { };
+
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
 
     systemd.services.immich-gpu-exporter = {
@@ -149,7 +158,8 @@ in
         Restart = "on-failure";
         RestartSec = "5s";
 
-        DynamicUser = true;
+        User = "immich-gpu-exporter";
+        Group = "immich-gpu-exporter";
         SupplementaryGroups = [ "systemd-journal" ] ++ cfg.extraGroups;
 
         StateDirectory = "immich-gpu-exporter";

@@ -45,6 +45,7 @@ in
   accelerationDevices = c.services.immich.accelerationDevices;
   tmpfiles = c.systemd.tmpfiles.rules;
   firewall = c.networking.firewall.allowedTCPPorts;
+  users = c.users.users;
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) c.assertions);
   warnings = c.warnings;
 }

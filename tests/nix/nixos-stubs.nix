@@ -10,6 +10,8 @@ in
     warnings = mkOption { type = types.listOf types.str; default = [ ]; };
     systemd.services = mkOption { type = types.attrsOf types.anything; default = { }; };
     systemd.tmpfiles.rules = mkOption { type = types.listOf types.str; default = [ ]; };
+    users.users = mkOption { type = types.attrsOf types.anything; default = { }; };
+    users.groups = mkOption { type = types.attrsOf types.anything; default = { }; };
     networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
     hardware.graphics.enable = mkOption { type = types.bool; default = false; };
     hardware.nvidia-container-toolkit.enable = mkOption { type = types.bool; default = false; };
