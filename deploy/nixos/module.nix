@@ -1,0 +1,205 @@
+# services.immich-gpu-exporter: the exporter as a hardened systemd service.
+#
+# It renders the same [Service] hardening as deploy/systemd/immich-gpu-exporter.service (a test
+# compares the two line by line); the reasons for each setting are written there and in
+# docs/deploy.md. Differences, both NixOS idioms: the API key comes from `apiKeyFile` through
+# LoadCredential= instead of /etc/credstore, and configuration is flags, not an environment file.
+{ config, lib, pkgs, ... }:
+
+let
+  cfg = config.services.immich-gpu-exporter;
+  inherit (lib) mkOption mkEnableOption mkIf types;
+
+  collectorNames = [ "nvml" "systemd" "journal" "immich" ];
+
+  # [::1] needs brackets in HOST:PORT; a bare hostname or IPv4 address does not.
+  listenHost = if lib.hasInfix ":" cfg.listenAddress then "[${cfg.listenAddress}]" else cfg.listenAddress;
+
+  args =
+    [
+      "--web.listen-address=${listenHost}:${toString cfg.port}"
+      "--immich.url=${cfg.immichUrl}"
+      "--immich.ml-url=${cfg.mlUrl}"
+    ]
+    ++ map (u: "--systemd.unit=${u}") cfg.units
+    ++ map (u: "--journal.unit=${u}") cfg.journalUnits
+    ++ map (c: if cfg.collectors.${c} then "--collector.${c}" else "--no-collector.${c}") collectorNames
+    # %d is the service's private credentials directory; systemd expands it at start.
+    ++ lib.optional (cfg.apiKeyFile != null) "--immich.api-key-file=%d/immich-api-key"
+    ++ cfg.extraFlags;
+
+  collectorOption = name: description: mkOption {
+    type = types.bool;
+    default = true;
+    description = "Whether to run the ${name} collector (${description}).";
+  };
+in
+{
+  options.services.immich-gpu-exporter = {
+    enable = mkEnableOption "the Prometheus exporter that shows whether Immich really runs its ML on the GPU";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = lib.literalExpression "pkgs.callPackage ./package.nix { }";
+      description = "The immich-gpu-exporter package to run.";
+    };
+
+    listenAddress = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      example = "0.0.0.0";
+      description = ''
+        Address to serve /metrics on. Loopback by default; use "0.0.0.0" or "::" (and
+        `openFirewall`) when Prometheus scrapes from another host.
+      '';
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 10283;
+      description = "TCP port to serve /metrics on.";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Whether to open `port` in the firewall.";
+    };
+
+    units = mkOption {
+      type = types.listOf types.str;
+      default = [
+        "immich-server.service"
+        "immich-machine-learning.service"
+        "nvidia-container-toolkit-cdi-generator.service"
+        "postgresql.service"
+        "redis-immich.service"
+      ];
+      description = "systemd units whose state, restarts and tuning (Nice, LimitMEMLOCK, devices) are exported.";
+    };
+
+    journalUnits = mkOption {
+      type = types.listOf types.str;
+      default = [ "immich-machine-learning.service" ];
+      description = "The ML unit(s) whose journal holds the execution-provider and CPU-fallback lines.";
+    };
+
+    immichUrl = mkOption {
+      type = types.str;
+      default = "http://localhost:${toString (config.services.immich.port or 2283)}";
+      defaultText = lib.literalExpression ''"http://localhost:''${toString config.services.immich.port}"'';
+      description = "URL of the Immich server (job queues).";
+    };
+
+    mlUrl = mkOption {
+      type = types.str;
+      # nixpkgs' services.immich hard-codes the ML service to localhost:3003.
+      default = "http://localhost:3003";
+      description = "URL of the Immich machine-learning service.";
+    };
+
+    apiKeyFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/immich-gpu-exporter-api-key";
+      description = ''
+        File with an Immich admin API key (permissions queue.read and job.read), for the job-queue
+        metrics. It is read by systemd (LoadCredential=), so it can stay root-only (0600) and
+        outside the Nix store (agenix, sops-nix). Without it the queue collector reports itself down.
+      '';
+    };
+
+    collectors = {
+      nvml = collectorOption "NVML" "GPU memory and use per Immich process";
+      systemd = collectorOption "systemd" "unit states and tuning over D-Bus";
+      journal = collectorOption "journal" "ML execution provider and CPU fallback from the ML unit's journal";
+      immich = collectorOption "Immich API" "job-queue backlogs and timings";
+    };
+
+    extraGroups = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "docker" ];
+      description = ''
+        Supplementary groups besides systemd-journal. Only name groups that exist (a missing one
+        fails the start with 216/GROUP). "docker" lets the exporter name containers but is
+        root-equivalent.
+      '';
+    };
+
+    extraFlags = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "--log.level=debug" "--gpu.pid-labels" ];
+      description = "Extra command-line flags (see `immich-gpu-exporter --help`).";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    # A static system user rather than DynamicUser=: dbus-daemon drops connections from uids it
+    # cannot resolve (see the shipped unit); NixOS may run either dbus-daemon or dbus-broker.
+    users.users.immich-gpu-exporter = {
+      isSystemUser = true;
+      group = "immich-gpu-exporter";
+      description = "Immich GPU exporter";
+    };
+    users.groups.immich-gpu-exporter = { };
+
+    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
+
+    systemd.services.immich-gpu-exporter = {
+      description = "Immich GPU exporter for Prometheus";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" "nvidia-persistenced.service" "nvidia-container-toolkit-cdi-generator.service" ];
+      serviceConfig = {
+        Type = "exec";
+        ExecStart = "${lib.getExe cfg.package} ${lib.escapeShellArgs args}";
+        Restart = "on-failure";
+        RestartSec = "5s";
+
+        User = "immich-gpu-exporter";
+        Group = "immich-gpu-exporter";
+        SupplementaryGroups = [ "systemd-journal" ] ++ cfg.extraGroups;
+
+        StateDirectory = "immich-gpu-exporter";
+        StateDirectoryMode = "0700";
+        LoadCredential = lib.optional (cfg.apiKeyFile != null) "immich-api-key:${cfg.apiKeyFile}";
+
+        DevicePolicy = "closed";
+        DeviceAllow = [ "char-nvidia* rw" "/dev/nvidiactl rw" "/dev/nvidia-uvm rw" ];
+
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateMounts = true;
+        UMask = "0077";
+        ProtectProc = "default";
+        ProcSubset = "all";
+        ProtectControlGroups = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+
+        NoNewPrivileges = true;
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        RestrictRealtime = true;
+        RestrictNamespaces = true;
+        PrivateIPC = true;
+        KeyringMode = "private";
+        RemoveIPC = true;
+        MemoryDenyWriteExecute = true;
+
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
+        SystemCallErrorNumber = "EPERM";
+        RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6";
+      };
+    };
+  };
+}

@@ -1,0 +1,29 @@
+{
+  description = "immich-gpu-exporter: Prometheus exporter that proves whether Immich really runs on the GPU";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+
+  outputs = { self, nixpkgs }:
+    let
+      systems = [ "x86_64-linux" "aarch64-linux" ];
+      forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+    in
+    {
+      packages = forAllSystems (pkgs: rec {
+        immich-gpu-exporter = pkgs.callPackage ./deploy/nixos/package.nix { };
+        default = immich-gpu-exporter;
+      });
+
+      nixosModules = {
+        immich-gpu-exporter = { pkgs, lib, ... }: {
+          imports = [ ./deploy/nixos/module.nix ];
+          # The flake's own build, so the module does not depend on the caller's overlays.
+          services.immich-gpu-exporter.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        };
+        immich-gpu = ./deploy/nixos/immich-gpu.nix;
+        default = {
+          imports = [ self.nixosModules.immich-gpu-exporter self.nixosModules.immich-gpu ];
+        };
+      };
+    };
+}

@@ -1,0 +1,278 @@
+"""The NixOS side of deploy/: every .nix file parses, both modules evaluate (offline, with the
+lib stand-in in tests/nix/) for several option sets, the exporter's generated command line is
+accepted by the real CLI, its [Service] section matches the shipped unit, and the Immich
+module's assertions and warnings fire exactly when they should."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from immich_gpu_exporter import __version__, config as configmod
+from tests.support.deploy import UNIT_PATH, clean_env, directives
+from tests.support.proc import ROOT
+
+NIX_ENV = {**os.environ, "NIX_CONFIG": "build-users-group ="}  # no nixbld group here
+STORE_EXE = re.compile(r"^/nix/store/[0-9a-z]{32}-immich-gpu-exporter-[^/]+/bin/immich-gpu-exporter$")
+pytestmark = pytest.mark.skipif(shutil.which("nix-instantiate") is None, reason="nix-instantiate (nix-bin) missing")
+
+GPU_HOST = ("services.immich.enable = true; services.immich-gpu.enable = true; hardware.graphics.enable = true; "
+            'services.xserver.videoDrivers = [ "nvidia" ];')
+
+
+def nix_files() -> list[str]:
+    return sorted(str(p) for p in ROOT.rglob("*.nix") if ".git" not in p.parts)
+
+
+def evaluate(config_expr: str) -> dict:
+    """Evaluate with one more module: the option definitions given (`lib` is in scope)."""
+    r = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", str(ROOT / "tests/nix/eval.nix"),
+                        "--arg", "config", "{ lib, ... }: { " + config_expr + " }"],
+                       capture_output=True, text=True, env=NIX_ENV, timeout=60)
+    if r.returncode != 0:  # stdout may hold partial JSON on failure: judge by the exit code
+        raise EvalError(r.stderr.strip())
+    return json.loads(r.stdout)
+
+
+class EvalError(Exception):
+    pass
+
+
+def exporter_argv(result: dict) -> list[str]:
+    # systemd splits ExecStart= like a shell for quoting purposes; our args use no $ or %% tricks
+    return shlex.split(result["exporterService"]["serviceConfig"]["ExecStart"])
+
+
+def dry_run(args: list[str], tmp_path) -> subprocess.CompletedProcess[str]:
+    args = [a.replace("%d", str(tmp_path / "credentials")) for a in args]
+    env = clean_env() | {"PYTHONPATH": str(ROOT), "STATE_DIRECTORY": str(tmp_path / "state")}
+    return subprocess.run([sys.executable, "-m", "immich_gpu_exporter", *args, "--dry-run"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+
+
+def dry_run_values(stdout: str) -> dict[str, str]:
+    out = {}
+    for line in stdout.splitlines():
+        key, _, rest = line.partition(" = ")
+        out[key] = rest.rsplit("  # ", 1)[0]
+    return out
+
+
+# --- syntax ---------------------------------------------------------------------------------
+
+def test_there_are_nix_files_to_check():
+    names = {os.path.relpath(p, ROOT) for p in nix_files()}
+    assert {"flake.nix", "deploy/nixos/module.nix", "deploy/nixos/immich-gpu.nix", "deploy/nixos/package.nix",
+            "tests/nix/lib.nix", "tests/nix/eval.nix"} <= names
+
+
+@pytest.mark.parametrize("path", nix_files(), ids=lambda p: os.path.relpath(p, ROOT))
+def test_nix_file_parses(path):
+    r = subprocess.run(["nix-instantiate", "--parse", path], capture_output=True, text=True, env=NIX_ENV, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_parse_check_rejects_broken_nix(tmp_path):
+    bad = tmp_path / "broken.nix"
+    bad.write_text("{ a = 1 }")
+    r = subprocess.run(["nix-instantiate", "--parse", str(bad)], capture_output=True, text=True, env=NIX_ENV)
+    assert r.returncode != 0 and "syntax error" in r.stderr
+
+
+# --- the exporter module --------------------------------------------------------------------
+
+OPTION_SETS = {
+    "defaults": "services.immich-gpu-exporter.enable = true;",
+    "everything": """services.immich-gpu-exporter = {
+        enable = true; listenAddress = "0.0.0.0"; port = 9999; openFirewall = true;
+        units = [ "immich-machine-learning.service" "custom unit.service" ];
+        journalUnits = [ "immich-machine-learning.service" ];
+        immichUrl = "https://photos.example.org"; mlUrl = "http://10.0.0.5:3003";
+        apiKeyFile = "/run/secrets/immich key";
+        collectors = { nvml = true; systemd = false; journal = true; immich = false; };
+        extraFlags = [ "--log.level=debug" "--gpu.pid-labels" ];
+      };""",
+    "ipv6": 'services.immich-gpu-exporter = { enable = true; listenAddress = "::1"; };',
+    "with-immich-port": "services.immich-gpu-exporter.enable = true; services.immich.enable = true; "
+                        "services.immich.port = 3001;",
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_SETS))
+def test_generated_command_line_is_accepted_by_the_exporter(name, tmp_path):
+    result = evaluate(OPTION_SETS[name])
+    argv = exporter_argv(result)
+    assert STORE_EXE.match(argv[0]), argv[0]
+    r = dry_run(argv[1:], tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_generated_flags_carry_the_options_through(tmp_path):
+    result = evaluate(OPTION_SETS["everything"])
+    values = dry_run_values(dry_run(exporter_argv(result)[1:], tmp_path).stdout)
+    assert values["web.listen-address"] == "'0.0.0.0:9999'"
+    assert values["systemd.unit"] == "('immich-machine-learning.service', 'custom unit.service')"
+    assert values["immich.url"] == "'https://photos.example.org'"
+    assert values["immich.ml-url"] == "'http://10.0.0.5:3003'"
+    assert values["immich.api-key-file"] == f"'{tmp_path}/credentials/immich-api-key'"
+    assert (values["collector.systemd"], values["collector.immich"], values["collector.nvml"]) == ("False", "False", "True")
+    assert values["log.level"] == "'debug'" and values["gpu.pid-labels"] == "True"
+    sc = result["exporterService"]["serviceConfig"]
+    assert sc["LoadCredential"] == ["immich-api-key:/run/secrets/immich key"]
+    assert result["firewall"] == [9999]
+
+
+def test_ipv6_listen_address_is_bracketed(tmp_path):
+    values = dry_run_values(dry_run(exporter_argv(evaluate(OPTION_SETS["ipv6"]))[1:], tmp_path).stdout)
+    assert values["web.listen-address"] == "'[::1]:10283'"
+
+
+def test_immich_url_follows_services_immich_port():
+    assert evaluate(OPTION_SETS["with-immich-port"])["exporter"]["immichUrl"] == "http://localhost:3001"
+
+
+def test_defaults_match_the_exporter_defaults(tmp_path):
+    """The module repeats a few defaults on the command line; they must be the exporter's own."""
+    result = evaluate(OPTION_SETS["defaults"])
+    exp = result["exporter"]
+    assert tuple(exp["units"]) == configmod.SYSTEMD_DEFAULT_UNITS
+    assert tuple(exp["journalUnits"]) == configmod.OPTIONS_BY_KEY["journal.unit"].default
+    assert f"{exp['listenAddress']}:{exp['port']}" == configmod.DEFAULT_LISTEN
+    assert exp["mlUrl"] == configmod.OPTIONS_BY_KEY["immich.ml-url"].default
+    assert result["firewall"] == [] and result["exporterService"]["serviceConfig"]["LoadCredential"] == []
+
+
+def test_module_creates_the_service_user():
+    users = evaluate(OPTION_SETS["defaults"])["users"]
+    assert users["immich-gpu-exporter"]["isSystemUser"] is True
+
+
+def test_disabled_module_defines_no_service():
+    result = evaluate("services.immich-gpu-exporter.enable = false;")
+    assert result["exporterService"] is None
+
+
+def test_package_builds_this_version_with_the_runtime_dependencies():
+    pkg = evaluate(OPTION_SETS["defaults"])["exporterPackage"]
+    assert (pkg["pname"], pkg["version"]) == ("immich-gpu-exporter", __version__)
+    assert pkg["meta"]["mainProgram"] == "immich-gpu-exporter"
+    # the nixpkgs attribute names of pyproject.toml's dependencies
+    assert sorted(pkg["dependencies"]) == ["aiohttp", "nvidia-ml-py", "prometheus-client", "psutil", "pystemd"]
+
+
+def _as_unit_values(value) -> list[str]:
+    """A NixOS serviceConfig value as the unit-file lines NixOS renders from it."""
+    items = value if isinstance(value, list) else [value]
+    return [("yes" if v else "no") if isinstance(v, bool) else str(v) for v in items]
+
+
+def test_module_service_is_the_shipped_unit():
+    shipped = directives(UNIT_PATH.read_text())
+    nix = evaluate(OPTION_SETS["defaults"])["exporterService"]["serviceConfig"]
+    # Deliberate NixOS differences: the binary path, no environment file (options instead), and
+    # the credential from apiKeyFile rather than the credstore name.
+    skip = {"ExecStart", "EnvironmentFile", "LoadCredential"}
+    assert {k: _as_unit_values(v) for k, v in nix.items() if k not in skip} == \
+        {k: v for k, v in shipped.items() if k not in skip}
+
+
+def test_option_type_errors_are_reported():
+    with pytest.raises(EvalError, match="not of type `16 bit unsigned integer'"):
+        evaluate("services.immich-gpu-exporter = { enable = true; port = 70000; };")
+    with pytest.raises(EvalError, match=r"The option `services.immich-gpu-exporter.prot' does not exist"):
+        evaluate("services.immich-gpu-exporter = { enable = true; prot = 1; };")
+
+
+# --- the Immich GPU module ------------------------------------------------------------------
+
+def test_immich_gpu_on_a_complete_host_configures_the_units():
+    result = evaluate(GPU_HOST)
+    assert result["failedAssertions"] == [] and result["warnings"] == []
+    devices = result["accelerationDevices"]
+    assert {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0"} <= set(devices)
+    ml, server = result["mlService"], result["serverService"]
+    env = ml["environment"]
+    assert env["MACHINE_LEARNING_DEVICE_ID"] == "0"
+    assert env["MPLCONFIGDIR"] == "/var/cache/immich/matplotlib"
+    assert int(env["COLUMNS"]) > 80
+    assert env["MACHINE_LEARNING_CACHE_FOLDER"] == "/var/cache/immich"  # nixpkgs' default kept
+    assert "ONNXRUNTIME_PROVIDER" not in env and not any("TENSORRT" in k for k in env)
+    assert ml["serviceConfig"]["LimitMEMLOCK"] == "infinity"
+    assert ml["serviceConfig"]["Nice"] == -10 and server["serviceConfig"]["Nice"] == -5
+    assert ml["serviceConfig"]["PrivateDevices"] is False
+    assert ml["serviceConfig"]["DeviceAllow"] == devices
+    assert ml["serviceConfig"]["CacheDirectoryMode"] == "0750"
+    assert "d /var/cache/immich/matplotlib 0750 immich immich -" in result["tmpfiles"]
+    # no container toolkit on this host: no ordering on a unit that does not exist
+    assert "nvidia-container-toolkit-cdi-generator.service" not in ml["after"]
+
+
+def test_immich_gpu_orders_after_the_cdi_generator_when_the_toolkit_is_on():
+    ml = evaluate(GPU_HOST + " hardware.nvidia-container-toolkit.enable = true;")["mlService"]
+    assert "nvidia-container-toolkit-cdi-generator.service" in ml["after"]
+    assert "requires" not in ml
+
+
+def test_immich_gpu_options_change_the_units():
+    result = evaluate(GPU_HOST + """ services.immich-gpu = { deviceId = 1; gpuDeviceNodes = [ "/dev/nvidia1" ];
+                                     memlock = false; mlNice = null; serverNice = null; };""")
+    ml = result["mlService"]
+    assert ml["environment"]["MACHINE_LEARNING_DEVICE_ID"] == "1"
+    assert "/dev/nvidia1" in result["accelerationDevices"] and "/dev/nvidia0" not in result["accelerationDevices"]
+    assert "LimitMEMLOCK" not in ml["serviceConfig"] and "Nice" not in ml["serviceConfig"]
+    assert "Nice" not in result["serverService"]["serviceConfig"]
+
+
+ASSERTION_CASES = {
+    # with Immich off its PostgreSQL is off too, so that assertion fires as well
+    "immich-off": ("services.immich-gpu.enable = true; hardware.graphics.enable = true; "
+                   'services.xserver.videoDrivers = [ "nvidia" ]; services.postgresql.enable = true;',
+                   "needs services.immich.enable"),
+    "ml-off": (GPU_HOST + " services.immich.machine-learning.enable = false;", "needs services.immich.enable"),
+    "no-gpu": (GPU_HOST.replace("hardware.graphics.enable = true;", ""), "hardware.graphics.enable"),
+    "not-nvidia": (GPU_HOST.replace('[ "nvidia" ]', '[ "amdgpu" ]'), "supports NVIDIA only"),
+    "toolkit-missing": (GPU_HOST + " services.immich-gpu.requireContainerToolkit = true;",
+                        "hardware.nvidia-container-toolkit.enable is false"),
+    # nixpkgs sets the cache folder at normal priority, so only mkForce can replace it
+    "relative-cache": (GPU_HOST + ' services.immich.machine-learning.environment.MACHINE_LEARNING_CACHE_FOLDER = '
+                       'lib.mkForce "cache";', "storage paths must be absolute"),
+    "no-postgresql": (GPU_HOST + " services.immich.database.enable = false;", "PostgreSQL is not enabled"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ASSERTION_CASES))
+def test_immich_gpu_assertion_fires(case):
+    expr, message = ASSERTION_CASES[case]
+    failed = evaluate(expr)["failedAssertions"]
+    assert len(failed) == 1 and message in failed[0], failed
+
+
+def test_immich_gpu_assertions_can_be_relaxed():
+    assert evaluate(GPU_HOST + " services.immich.database.enable = false; "
+                    "services.immich-gpu.requirePostgresql = false;")["failedAssertions"] == []
+    assert evaluate(GPU_HOST + " services.immich-gpu.requireContainerToolkit = true; "
+                    "hardware.nvidia-container-toolkit.enable = true;")["failedAssertions"] == []
+
+
+def test_settings_that_immich_ignores_produce_warnings():
+    result = evaluate(GPU_HOST + """ services.immich.machine-learning.environment = {
+        ONNXRUNTIME_PROVIDER = "cuda"; TENSORRT_CACHE_PATH = "/var/lib/immich/.cache/tensorrt";
+        MACHINE_LEARNING_DEVICE_IDS = "0"; };""")
+    text = "\n".join(result["warnings"])
+    assert len(result["warnings"]) == 3
+    for name in ("ONNXRUNTIME_PROVIDER", "TENSORRT_CACHE_PATH", "MACHINE_LEARNING_DEVICE_IDS"):
+        assert f"environment.{name} has no effect" in text
+
+
+def test_immich_gpu_disabled_changes_nothing():
+    result = evaluate("services.immich.enable = true;")
+    assert result["accelerationDevices"] == [] and result["tmpfiles"] == [] and result["failedAssertions"] == []
+    assert result["mlService"]["serviceConfig"]["PrivateDevices"] is True
+    assert "COLUMNS" not in result["mlService"]["environment"]
