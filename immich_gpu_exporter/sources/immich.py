@@ -145,21 +145,24 @@ class ImmichSource(Source):
         errors: list[str] = []
         samples: list[Sample] = []
 
-        ping, ml = await asyncio.gather(
+        ping, ml, version = await asyncio.gather(
             self._get(self._url + "/api/server/ping"),
             self._get(self._ml_url + "/ping", prefix="ml_", want_json=False),
+            # The version decides which queue endpoint to ask and what a refused key needs.
+            self._get(self._url + "/api/server/version"),
             return_exceptions=True,
         )
+        for r in (ping, ml, version):
+            if isinstance(r, BaseException) and not isinstance(r, _Failed):
+                raise r
         server_up = not isinstance(ping, BaseException) and api.decode_ping(ping)
         ml_up = not isinstance(ml, BaseException) and ml.strip() == "pong"
         for r in (ping, ml):
             if isinstance(r, _Failed):
                 errors.append(r.reason)
-            elif isinstance(r, BaseException):
-                raise r
         if not isinstance(ping, BaseException) and not server_up:
             errors.append("bad_json")
-        if not isinstance(ping, _Failed) and server_up:
+        if server_up:
             self._logged.discard("server_down")
         elif isinstance(ping, _Failed):
             self._once("server_down", logging.WARNING, "Immich server not reachable: %s", ping)
@@ -168,6 +171,7 @@ class ImmichSource(Source):
 
         observation: Observation | None = None
         if server_up:
+            self._server_version(version, samples, errors)
             observation = await self._collect_server(key, samples, errors)
         if observation is not None:
             self.timings.observe(observation)
@@ -175,8 +179,22 @@ class ImmichSource(Source):
             samples.extend(self._timing_samples(fresh=observation is not None))
         return CollectResult(tuple(samples), errors=tuple(errors))
 
+    def _server_version(self, version: Any, samples: list[Sample], errors: list[str]) -> None:
+        if isinstance(version, _Failed):
+            errors.append(version.reason)
+            return
+        try:
+            v = api.decode_version(version)
+        except api.BadAnswer:
+            errors.append("bad_json")
+            return
+        if self._version is not None and v != self._version:
+            self._queue_path = None  # upgraded or downgraded: find the endpoint again
+        self._version = v
+        samples.append(sample("immich_server_info", 1, version=str(v)))
+
     async def _collect_server(self, key: str | None, samples: list[Sample], errors: list[str]) -> Observation | None:
-        jobs = [self._get(self._url + "/api/server/version"), self._get(self._url + "/api/server/features")]
+        jobs = [self._get(self._url + "/api/server/features")]
         if key is not None:
             jobs.append(self._queues(key))
             if self._telemetry_url:
@@ -187,18 +205,7 @@ class ImmichSource(Source):
                 raise r
             if isinstance(r, BaseException) and not isinstance(r, (_Failed, api.BadAnswer)):
                 raise r
-        version, features = results[0], results[1]
-        if isinstance(version, _Failed):
-            errors.append(version.reason)
-        else:
-            try:
-                v = api.decode_version(version)
-                if v != self._version:
-                    self._queue_path = None  # upgraded or downgraded: find the endpoint again
-                self._version = v
-                samples.append(sample("immich_server_info", 1, version=str(v)))
-            except api.BadAnswer:
-                errors.append("bad_json")
+        features = results[0]
         if isinstance(features, _Failed):
             errors.append(features.reason)
         else:
@@ -210,7 +217,7 @@ class ImmichSource(Source):
         if key is None:
             return None
 
-        queues = results[2]
+        queues = results[1]
         at = self._clock()
         if isinstance(queues, (_Failed, api.BadAnswer)):
             errors.append(queues.reason if isinstance(queues, _Failed) else "bad_json")
@@ -224,7 +231,7 @@ class ImmichSource(Source):
 
         telemetry = None
         if self._telemetry_url:
-            tele = results[3]
+            tele = results[2]
             if isinstance(tele, _Failed):
                 errors.append(tele.reason)
             else:
