@@ -285,7 +285,7 @@ class FakeImmich:
             else:
                 body = {n: {"jobCounts": c, "queueStatus": {"isActive": c["active"] > 0, "isPaused": False}}
                         for n, c in counts.items()}
-                for n in self.broken_entries:
+                for n in self.broken_entries & set(body):
                     body[n]["jobCounts"] = {"active": "lots"}
                 if not self._v(3, 0):
                     tag = "older_version"
