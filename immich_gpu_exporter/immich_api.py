@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 # Queues whose jobs call the ML service (and therefore run on the ONNX execution provider).
 ML_QUEUES = frozenset({"smartSearch", "faceDetection", "ocr"})
@@ -311,6 +311,3 @@ def snake_case(name: str) -> str:
     words = re.findall(r"[A-Z]+(?=[A-Z][a-z]|\d|\b|_|-)|[A-Z]?[a-z]+|[A-Z]+|\d+", name)
     return "_".join(w.lower() for w in words)
 
-
-def stats_items(queues: Iterable[QueueStats]) -> dict[str, QueueStats]:
-    return {q.name: q for q in queues}

@@ -4,6 +4,7 @@ seconds-per-job PromQL of docs/immich.md gives the truth of the fake's schedule.
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 
 import pytest
@@ -57,6 +58,8 @@ def test_prometheus_computes_seconds_per_job_with_the_documented_promql(tmp_path
     assert exposition.value(metrics, "immich_queue_last_run_jobs", queue="smartSearch") == len(sim.jobs)
     assert exposition.value(metrics, "immich_queue_drain_eta_seconds", queue="smartSearch") == 0
     assert KEY not in metrics and KEY not in exporter.logs()
+    lint = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
 def test_exporter_reports_a_refused_key_as_source_down_with_its_reason(tmp_path):
