@@ -280,6 +280,10 @@ async def test_api_key_file_is_read_and_a_loose_mode_is_warned_once(fake, tmp_pa
     finally:
         await src.close()
     assert e.value.reason == "api_key_file"
+    keyfile.write_text("two words\n")
+    with pytest.raises(SourceDown) as e:
+        await collect(src)
+    assert e.value.reason == "api_key" and "two" not in e.value.detail
     warnings = [r.getMessage() for r in caplog.records if "readable by group or others" in r.getMessage()]
     assert len(warnings) == 1 and KEY not in caplog.text
 
@@ -287,14 +291,14 @@ async def test_api_key_file_is_read_and_a_loose_mode_is_warned_once(fake, tmp_pa
 async def test_seconds_per_job_by_provider_after_a_switch_in_real_time():
     """CPU batch, ML restarts on CUDA while idle, CUDA batch: two values under two labels."""
     t0 = time.monotonic() + 0.3
-    t_switch = t0 + 2.0
-    cpu_jobs, cuda_jobs = 16, 40
+    t_switch = t0 + 2.3  # the CPU batch has drained; the ML service comes back on CUDA
+    cpu_jobs, cuda_jobs = 16, 80
     provider = Provider(CPU)
 
     def provider_at(t: float) -> str:
         return CPU if t < t_switch else CUDA
 
-    sim = QueueSim("smartSearch", concurrency=2, provider_at=provider_at, job_seconds={CPU: 0.2, CUDA: 0.05},
+    sim = QueueSim("smartSearch", concurrency=2, provider_at=provider_at, job_seconds={CPU: 0.25, CUDA: 0.05},
                    arrivals=[t0] * cpu_jobs + [t_switch + 0.3] * cuda_jobs)
     with FakeImmich(queues=[sim]) as fake:
         src = make_source(fake, provider=provider, immich_telemetry_url=fake.telemetry_url)

@@ -101,8 +101,14 @@ class ImmichSource(Source):
             key = raw.decode("utf-8", "replace").strip()
             if not key:
                 raise SourceDown("api_key_file", f"the API key file {path} is empty")
-            return key
-        return self.config["immich.api-key"] or None
+        else:
+            key = self.config["immich.api-key"] or None
+            if key is None:
+                return None
+        if not all(0x21 <= ord(c) <= 0x7E for c in key):
+            # Never echo it: a key with spaces or control characters cannot go into a header.
+            raise SourceDown("api_key", "the API key contains characters not allowed in an HTTP header")
+        return key
 
     # -- HTTP ------------------------------------------------------------------------------------
     def _http(self) -> aiohttp.ClientSession:
