@@ -1,27 +1,307 @@
-"""Immich API source (minimal: pings the server)."""
+"""Immich API source: server/ML health, version, features, job queues and their timings.
+
+A thin I/O loop. Each cycle: `GET /api/server/ping` and the ML service's `GET /ping` (no auth);
+if the server answered, `/api/server/version`, `/api/server/features` (no auth), the queues
+(`/api/queues`, or the deprecated `/api/jobs` on servers older than v2.4 or when the key only
+has `job.read`) and, when configured, Immich's telemetry, all concurrently. Decoding lives in
+`immich_api`, timing in `timings`; this module only moves bytes and keeps the key secret.
+
+What "source up" means: the exporter could ask Immich and got an authorised answer. An
+unreachable server or ML service is a *measurement* (immich_server_up 0 / immich_ml_up 0, each
+failed request counted in source_errors_total), not a down source. The source goes down only when
+the API key is refused (`unauthorized` 401, `forbidden` 403) or cannot be read (`api_key_file`):
+then nothing about the queues can be trusted and the operator must act.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import os
+import stat
+from typing import Any
+
 import aiohttp
 
-from ..core import CollectResult, SourceDown, sample
+from .. import immich_api as api
+from ..core import CollectResult, Sample, SourceDown, sample
+from ..timings import METHOD_BACKLOG, METHOD_TELEMETRY, Observation, QueueTimings
 from .base import Source
+
+log = logging.getLogger("immich_gpu_exporter.immich")
+
+
+class _Failed(Exception):
+    """One request failed; `reason` is a bounded label, `status` the HTTP status if any."""
+
+    def __init__(self, reason: str, detail: str, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.status = status
 
 
 class ImmichSource(Source):
     name = "immich"
 
+    def __init__(self, config, hub, clock=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config, hub)
+        import time
+
+        self._clock = clock or time.monotonic
+        self._session: aiohttp.ClientSession | None = None
+        self._url = config["immich.url"]
+        self._ml_url = config["immich.ml-url"]
+        tele = config["immich.telemetry-url"]
+        if tele and "/" not in tele.split("://", 1)[1]:
+            tele += "/metrics"
+        self._telemetry_url = tele
+        method = METHOD_TELEMETRY if tele else METHOD_BACKLOG
+        interval = float(config["immich.interval"])
+        self.timings = QueueTimings(method, max_gap=max(6 * interval, 30.0), eta_window=300.0)
+        self._version: api.Version | None = None
+        self._queue_path: str | None = None  # which queue endpoint works on this server
+        self._logged: set[str] = set()
+        self._key_mode_warned = False
+
+    # -- knobs -----------------------------------------------------------------------------------
     @property
     def interval(self) -> float:
         return float(self.config["immich.interval"])
 
-    async def collect(self) -> CollectResult:
-        timeout = aiohttp.ClientTimeout(total=self.config["immich.timeout"])
+    @property
+    def timeout(self) -> float:
+        # Two rounds of requests, plus one fallback request to /api/jobs, each bounded.
+        return 3 * float(self.config["immich.timeout"]) + 1.0
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _once(self, key: str, level: int, msg: str, *args: Any) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.log(level, msg, *args)
+
+    # -- the API key -----------------------------------------------------------------------------
+    def _api_key(self) -> str | None:
+        path = self.config["immich.api-key-file"]
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    mode = os.fstat(f.fileno()).st_mode
+                    raw = f.read(4096)
+            except OSError as e:
+                raise SourceDown("api_key_file", f"cannot read the API key file {path}: {e.strerror}") from None
+            if mode & (stat.S_IRGRP | stat.S_IROTH) and not self._key_mode_warned:
+                self._key_mode_warned = True
+                log.warning("the API key file %s is readable by group or others (mode %o); chmod 600 it "
+                            "or use systemd LoadCredential=", path, stat.S_IMODE(mode))
+            key = raw.decode("utf-8", "replace").strip()
+            if not key:
+                raise SourceDown("api_key_file", f"the API key file {path} is empty")
+        else:
+            key = self.config["immich.api-key"] or None
+            if key is None:
+                return None
+        if not all(0x21 <= ord(c) <= 0x7E for c in key):
+            # Never echo it: a key with spaces or control characters cannot go into a header.
+            raise SourceDown("api_key", "the API key contains characters not allowed in an HTTP header")
+        return key
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=float(self.config["immich.timeout"])),
+                headers={"User-Agent": "immich-gpu-exporter", "Accept": "application/json"},
+                # A restarted server leaves dead keep-alive connections; reuse them only briefly.
+                connector=aiohttp.TCPConnector(limit=8, keepalive_timeout=5, force_close=False),
+            )
+        return self._session
+
+    async def _get(self, url: str, key: str | None = None, *, prefix: str = "", want_json: bool = True) -> Any:
+        headers = {"x-api-key": key} if key else None
+        what = url.split("://", 1)[-1]
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as s:
-                async with s.get(self.config["immich.url"] + "/api/server/ping") as r:
-                    if r.status != 200:
-                        raise SourceDown(f"http_{r.status // 100}xx", f"ping answered HTTP {r.status}")
+            async with self._http().get(url, headers=headers, allow_redirects=False) as r:
+                if r.status != 200:
+                    kind = "http_5xx" if r.status >= 500 else "http_4xx"
+                    raise _Failed(prefix + kind, f"{what} answered HTTP {r.status}", r.status)
+                raw = await r.read()
+        except asyncio.TimeoutError:
+            raise _Failed(prefix + "timeout", f"{what}: no answer within {self.config['immich.timeout']:g}s") from None
         except aiohttp.ClientError as e:
-            raise SourceDown("unreachable", f"{self.config['immich.url']}: {e}") from None
-        return CollectResult((sample("immich_server_up", 1),))
+            # The message names host and port only; the key travels in a header, never in the URL.
+            raise _Failed(prefix + "unreachable", f"{what}: {type(e).__name__}: {e}") from None
+        if not want_json:
+            return raw.decode("utf-8", "replace")
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise _Failed(prefix + "bad_json", f"{what}: the answer is not JSON") from None
+
+    # -- one cycle -------------------------------------------------------------------------------
+    async def collect(self) -> CollectResult:
+        key = self._api_key()
+        if key is None:
+            self._once("no_key", logging.INFO, "no Immich API key configured: queue metrics are off "
+                       "(set --immich.api-key-file; %s)", api.needed_permission(api.QUEUES_PATH, self._version))
+        errors: list[str] = []
+        samples: list[Sample] = []
+
+        ping, ml, version = await asyncio.gather(
+            self._get(self._url + "/api/server/ping"),
+            self._get(self._ml_url + "/ping", prefix="ml_", want_json=False),
+            # The version decides which queue endpoint to ask and what a refused key needs.
+            self._get(self._url + "/api/server/version"),
+            return_exceptions=True,
+        )
+        for r in (ping, ml, version):
+            if isinstance(r, BaseException) and not isinstance(r, _Failed):
+                raise r
+        server_up = not isinstance(ping, BaseException) and api.decode_ping(ping)
+        ml_up = not isinstance(ml, BaseException) and ml.strip() == "pong"
+        for r in (ping, ml):
+            if isinstance(r, _Failed):
+                errors.append(r.reason)
+        if not isinstance(ping, BaseException) and not server_up:
+            errors.append("bad_json")
+        if server_up:
+            self._logged.discard("server_down")
+        elif isinstance(ping, _Failed):
+            self._once("server_down", logging.WARNING, "Immich server not reachable: %s", ping)
+        samples.append(sample("immich_server_up", 1 if server_up else 0))
+        samples.append(sample("immich_ml_up", 1 if ml_up else 0))
+
+        observation: Observation | None = None
+        if server_up:
+            self._server_version(version, samples, errors)
+            observation = await self._collect_server(key, samples, errors)
+        if observation is not None:
+            self.timings.observe(observation)
+        if key is not None:
+            samples.extend(self._timing_samples(fresh=observation is not None))
+        return CollectResult(tuple(samples), errors=tuple(errors))
+
+    def _server_version(self, version: Any, samples: list[Sample], errors: list[str]) -> None:
+        if isinstance(version, _Failed):
+            errors.append(version.reason)
+            return
+        try:
+            v = api.decode_version(version)
+        except api.BadAnswer:
+            errors.append("bad_json")
+            return
+        if self._version is not None and v != self._version:
+            self._queue_path = None  # upgraded or downgraded: find the endpoint again
+        self._version = v
+        samples.append(sample("immich_server_info", 1, version=str(v)))
+
+    async def _collect_server(self, key: str | None, samples: list[Sample], errors: list[str]) -> Observation | None:
+        jobs = [self._get(self._url + "/api/server/features")]
+        if key is not None:
+            jobs.append(self._queues(key))
+            if self._telemetry_url:
+                jobs.append(self._get(self._telemetry_url, prefix="telemetry_", want_json=False))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, SourceDown):
+                raise r
+            if isinstance(r, BaseException) and not isinstance(r, (_Failed, api.BadAnswer)):
+                raise r
+        features = results[0]
+        if isinstance(features, _Failed):
+            errors.append(features.reason)
+        else:
+            try:
+                for name, on in api.decode_features(features).items():
+                    samples.append(sample("immich_server_feature_enabled", 1 if on else 0, feature=name))
+            except api.BadAnswer:
+                errors.append("bad_json")
+        if key is None:
+            return None
+
+        queues = results[1]
+        at = self._clock()
+        if isinstance(queues, (_Failed, api.BadAnswer)):
+            errors.append(queues.reason if isinstance(queues, _Failed) else "bad_json")
+            return None
+        decoded: api.Decoded = queues
+        errors.extend(["malformed_entry"] * decoded.malformed)
+        for q in decoded.queues:
+            for state in api.EXPOSED_STATES:
+                samples.append(sample("immich_queue_jobs", q.count(state), queue=q.name, state=state))
+            samples.append(sample("immich_queue_paused", 1 if q.is_paused else 0, queue=q.name))
+
+        telemetry = None
+        if self._telemetry_url:
+            tele = results[2]
+            if isinstance(tele, _Failed):
+                errors.append(tele.reason)
+            else:
+                parsed = api.parse_telemetry(tele)
+                errors.extend(["telemetry_malformed"] * parsed.malformed)
+                if parsed.unmapped:
+                    self._once("unmapped:" + ",".join(sorted(parsed.unmapped)), logging.DEBUG,
+                               "telemetry job names without a known queue (ignored): %s",
+                               ", ".join(sorted(parsed.unmapped)))
+                telemetry = parsed.by_queue()
+        provider = self.hub.facts("journal").get("effective_provider")
+        return Observation(at, {q.name: q for q in decoded.queues}, telemetry,
+                           provider if isinstance(provider, str) else None)
+
+    async def _queues(self, key: str) -> api.Decoded:
+        path = self._queue_path or api.preferred_queue_path(self._version)
+        try:
+            body = await self._get(self._url + path, key)
+        except _Failed as e:
+            if path == api.QUEUES_PATH and e.status in (404, 403):
+                # 404: a server older than v2.4. 403: a key made for /api/jobs (job.read only).
+                try:
+                    body = await self._get(self._url + api.LEGACY_PATH, key)
+                except _Failed as e2:
+                    self._auth_failure(e2, api.LEGACY_PATH if e.status == 404 else path)
+                    raise
+                if e.status == 403:
+                    self._once("legacy_403", logging.INFO, "the API key lacks queue.read; using the deprecated "
+                               "%s with job.read (add queue.read to the key)", api.LEGACY_PATH)
+                path = api.LEGACY_PATH
+            else:
+                self._auth_failure(e, path)
+                raise
+        self._queue_path = path
+        self._logged.discard("unauthorized")
+        self._logged.discard("forbidden")
+        decode = api.decode_queues if path == api.QUEUES_PATH else api.decode_jobs_legacy
+        return decode(body)
+
+    def _auth_failure(self, e: _Failed, path: str) -> None:
+        if e.status == 401:
+            need = api.needed_permission(path, self._version)
+            self._once("unauthorized", logging.ERROR,
+                       "Immich refused the API key (HTTP 401: unknown or revoked key); it must be %s", need)
+            raise SourceDown("unauthorized", f"{path}: HTTP 401, the API key is not valid; needs {need}")
+        if e.status == 403:
+            need = api.needed_permission(path, self._version)
+            self._once("forbidden", logging.ERROR,
+                       "Immich denied the queue statistics (HTTP 403): the key must be %s", need)
+            raise SourceDown("forbidden", f"{path}: HTTP 403; needs {need}")
+
+    # -- timings -> samples ----------------------------------------------------------------------
+    def _timing_samples(self, fresh: bool) -> list[Sample]:
+        # Counters and last-run gauges stay while the server is away (they are still true); the
+        # drain ETA is a statement about now and goes with the queue gauges.
+        out = [sample("immich_queue_processed_method_info", 1, method=self.timings.method)]
+        for queue, rep in self.timings.report().items():
+            for provider, v in sorted(rep.active_seconds.items()):
+                out.append(sample("immich_queue_active_job_seconds_total", v, queue=queue, provider=provider))
+            for provider, v in sorted(rep.processed.items()):
+                out.append(sample("immich_queue_jobs_processed_total", v, queue=queue, provider=provider))
+            if rep.last_run is not None:
+                out.append(sample("immich_queue_last_run_duration_seconds", rep.last_run[0], queue=queue))
+                out.append(sample("immich_queue_last_run_jobs", rep.last_run[1], queue=queue))
+            if fresh and rep.drain_eta is not None:
+                out.append(sample("immich_queue_drain_eta_seconds", rep.drain_eta, queue=queue))
+        return out
