@@ -36,13 +36,17 @@ class SourceDown(Exception):
     """Raised by a source's collect() when it cannot report: the source goes down.
 
     `reason` is a short, bounded label value (library_not_found, no_bus, timeout,
-    unauthorized, ...); `detail` is a human-readable line for the log and the landing page.
+    unauthorized, ...); `detail` is a human-readable line for the log and the landing page;
+    `samples` are series the source still publishes while down (an "is it up" gauge at 0,
+    counters that must not vanish), usually none.
     """
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", samples: tuple["Sample", ...] = ()) -> None:
         super().__init__(detail or reason)
         self.reason = reason
         self.detail = detail or reason
+        # What the source can still say while down (e.g. immich_server_up 0); usually nothing.
+        self.samples = tuple(samples)
 
 
 EMPTY: Mapping[str, Any] = MappingProxyType({})

@@ -88,14 +88,14 @@ class Daemon:
                 for s in result.samples:
                     check_sample(s)
         except asyncio.TimeoutError:
-            reason, detail = "timeout", f"collection took longer than {source.timeout:g}s"
+            reason, detail, kept = "timeout", f"collection took longer than {source.timeout:g}s", ()
         except SourceDown as e:
-            reason, detail = e.reason, e.detail
+            reason, detail, kept = e.reason, e.detail, e.samples
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug in a source must not take the daemon down
             log.debug("source %s crashed", source.name, exc_info=True)
-            reason, detail = "error", f"{type(e).__name__}: {e}"
+            reason, detail, kept = "error", f"{type(e).__name__}: {e}", ()
         else:
             for r in result.errors:
                 errors[r] = errors.get(r, 0) + 1
@@ -116,7 +116,7 @@ class Daemon:
             self._down_logged[source.name] = reason
         state = SourceState(
             source.name, False, prev.last_success, time.monotonic() - t0, detail, reason,
-            MappingProxyType(errors), (), MappingProxyType({}), prev.cycles + 1,
+            MappingProxyType(errors), tuple(kept), MappingProxyType({}), prev.cycles + 1,
         )
         self._first_cycle.add(source.name)
         self._set_state(state)

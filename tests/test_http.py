@@ -77,7 +77,7 @@ def test_hung_immich_never_blocks_the_scrape():
     hole = BlackHole()
     try:
         args = [*ALL_OFF_BUT_IMMICH, f"--immich.url=http://127.0.0.1:{hole.port}",
-                f"--immich.ml-url=http://127.0.0.1:{hole.port}", "--immich.timeout=60", "--collection.timeout=0.5",
+                f"--immich.ml-url=http://127.0.0.1:{hole.port}", "--immich.timeout=1",
                 "--immich.interval=0.2"]
         with Exporter(args) as ex:
             def timed_out_twice():

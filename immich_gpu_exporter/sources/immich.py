@@ -6,11 +6,13 @@ if the server answered, `/api/server/version`, `/api/server/features` (no auth),
 has `job.read`) and, when configured, Immich's telemetry, all concurrently. Decoding lives in
 `immich_api`, timing in `timings`; this module only moves bytes and keeps the key secret.
 
-What "source up" means: the exporter could ask Immich and got an authorised answer. An
-unreachable server or ML service is a *measurement* (immich_server_up 0 / immich_ml_up 0, each
-failed request counted in source_errors_total), not a down source. The source goes down only when
-the API key is refused (`unauthorized` 401, `forbidden` 403) or cannot be read (`api_key_file`):
-then nothing about the queues can be trusted and the operator must act.
+What "source up" means: the exporter could ask the Immich server and got an authorised answer.
+The source goes down when the server does not answer its ping (reason `unreachable`, `timeout`,
+`http_5xx`...: no Immich, or Immich restarting), when the API key is refused (`unauthorized` 401,
+`forbidden` 403) or cannot be read (`api_key_file`). While the server is unreachable the source
+still publishes immich_server_up 0, immich_ml_up and the timing counters (they must not vanish and
+come back), but no queue gauges. An unreachable ML service alone is a measurement
+(immich_ml_up 0, the failed request counted in source_errors_total), not a down source.
 """
 
 from __future__ import annotations
@@ -183,6 +185,8 @@ class ImmichSource(Source):
             self.timings.observe(observation)
         if key is not None:
             samples.extend(self._timing_samples(fresh=observation is not None))
+        if isinstance(ping, _Failed):
+            raise SourceDown(ping.reason, str(ping), tuple(samples))
         return CollectResult(tuple(samples), errors=tuple(errors))
 
     def _server_version(self, version: Any, samples: list[Sample], errors: list[str]) -> None:
