@@ -210,7 +210,7 @@ BENIGN: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
     r"^Handling signal: ", r"^Reason: ", r"^Worker failed to boot", r"^App failed to load", r"^Started server process",
     r"^Waiting for application (?:startup|shutdown)", r"^Application (?:startup|shutdown) complete", r"^Shutting down$",
     r"^Finished server process", r"^Control socket", r"^\d+\.\d+\.\d+\.\d+:\d+ - \"", r"^\[?[\w:.]*\]?:?\d* - \"",
-    r"^Traceback \(most recent call last\)", r"^\s", r"^[╭╰│]", r"^\w+(?:\.\w+)*(?:Error|Exception|Fail|Warning): ",
+    r"^Traceback \(most recent call last\)", r"^File \"", r"^\s", r"^[╭╰│]", r"^\w+(?:\.\w+)*(?:Error|Exception|Fail|Warning): ",
     r"^warnings\.warn", r"^\[OpenVINO-EP\]", r"^MIGraphX", r"^The above exception", r"^During handling of the above",
     r"^\[Nest\] ", r"^$",
 ))
@@ -248,9 +248,8 @@ class Parser:
     """Turns journal entries into `Event`s.
 
     A *stream* is (unit or container, _PID): Rich's continuation lines are joined only within their
-    stream. A Rich record stays pending until the next Rich record of its stream or `flush()`
-    (called by the source when the journal has been quiet for a moment); ONNX Runtime lines and
-    prints in between do not close it, because stdout and stderr reach the journal separately.
+    stream. A Rich record stays pending until the next non-continuation line of its stream or
+    `flush()` (called by the source when the journal has been quiet for a moment).
     """
 
     def __init__(self, server_units: Iterable[str] = (), server_containers: Iterable[str] = ()) -> None:
@@ -297,6 +296,11 @@ class Parser:
         key = f"{group}\x00{pid}"
         level = None
         lines = text.split("\n") if "\n" in text else (text,)
+        if len(lines) > 1 and not lines[0].startswith("[") and "onnxruntime:" not in lines[0][:64] \
+                and not lines[0].startswith(" "):
+            # a multi-line entry that is not Rich output (a traceback sent in one piece): one record
+            self._record(group, pid, ts, " ".join(x.strip() for x in lines if x.strip()), 1, out)
+            lines = ()
         for line in lines:
             if line.endswith("\r"):
                 line = line[:-1]
@@ -354,6 +358,10 @@ class Parser:
             if rec is None and len(line) - len(line.lstrip(" ")) >= 20:
                 # a continuation whose record we never saw (read window began mid-record): recognised
                 return None
+        # Any other line ends the stream's pending Rich record: Rich writes a record in one write(),
+        # which journald stores as consecutive entries, so nothing of the same process comes between.
+        if key in self.pending:
+            self._close(key, out)
         if "onnxruntime:" in line[:64]:
             m = _ORT.match(line)
             if m is not None:
@@ -368,7 +376,7 @@ class Parser:
         if m is not None:
             self._record(group, pid, ts, m.group("msg"), 1, out)
             return {"warn": "warning"}.get(m.group("lvl").lower(), m.group("lvl").lower())
-        self._record(group, pid, ts, line.strip(), 1, out)
+        self._record(group, pid, ts, line.strip(), 1, out, indented=first == " " or first == "\t")
         return None
 
     def _ep(self, key: str, group: str, pid: str, ts: float, line: str, out: list[Event]) -> bool:
@@ -415,8 +423,9 @@ class Parser:
 
     @staticmethod
     def _record(group: str, pid: str, ts: float, msg: str, entries: int, out: list[Event],
-                native: str | None = None) -> None:
+                native: str | None = None, indented: bool = False) -> None:
         ok, ev = classify(msg)
+        ok = ok or indented  # traceback frames and code lines of plain (non-Rich) stderr output
         if native is not None and ev is None and not ok:
             ok = True  # any ONNX Runtime native line is a known format, even if not an EP failure
             if "TryGetProviderInfo_" in native and "Failed" in msg:
