@@ -45,7 +45,7 @@ class Event(NamedTuple):
     kind: str  # see MLState.apply
     group: str  # unit or container the entry came from
     pid: str  # the entry's _PID for systemd units, "" for containers (see MLState._worker)
-    ts: float  # the entry's __REALTIME_TIMESTAMP in seconds (0 if absent)
+    ts: Any  # the entry's __REALTIME_TIMESTAMP as journalctl gives it (microseconds); see event_time()
     a: Any = None
     b: Any = None
 
@@ -200,7 +200,7 @@ RULES: tuple[Rule, ...] = (
 )
 
 # Recognised lines that carry no event (so they are not counted as unrecognised).
-BENIGN: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
+BENIGN_PATTERNS: tuple[str, ...] = (
     r"^Created in-memory cache", r"^Initialized request thread pool", r"^Preloading models", r"^Downloading ",
     r"^Available ORT providers", r"^Setting execution provider options", r"^Setting (?:execution_mode|inter_op_num_threads|intra_op_num_threads|model format)",
     r"^Could not load ANN", r"^(?:Loading|Loaded|Unloaded) ANN model", r"^(?:Loading|Loaded) RKNN model",
@@ -213,7 +213,8 @@ BENIGN: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
     r"^Traceback \(most recent call last\)", r"^File \"", r"^\s", r"^[╭╰│]", r"^\w+(?:\.\w+)*(?:Error|Exception|Fail|Warning): ",
     r"^warnings\.warn", r"^\[OpenVINO-EP\]", r"^MIGraphX", r"^The above exception", r"^During handling of the above",
     r"^\[Nest\] ", r"^$",
-))
+)
+_BENIGN = re.compile("|".join(f"(?:{p})" for p in BENIGN_PATTERNS))  # one search instead of ~45
 
 
 def classify(msg: str) -> tuple[bool, Any]:
@@ -227,10 +228,7 @@ def classify(msg: str) -> tuple[bool, Any]:
         m = rule.regex.search(msg)
         if m is not None:
             return True, rule.handler(m)
-    for rx in BENIGN:
-        if rx.search(msg):
-            return True, None
-    return False, None
+    return _BENIGN.search(msg) is not None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,17 +271,20 @@ class Parser:
         out: list[Event] = []
         container = entry.get("CONTAINER_NAME")
         if container:
-            group, pid = str(container), ""
+            group, pid = container if type(container) is str else message_text(container), ""
             server = group in self.server_containers
         else:
-            group = str(entry.get("_SYSTEMD_UNIT") or entry.get("SYSLOG_IDENTIFIER") or "unknown")
-            pid = str(entry.get("_PID") or "")
+            group = entry.get("_SYSTEMD_UNIT") or entry.get("SYSLOG_IDENTIFIER") or "unknown"
+            if type(group) is not str:
+                group = message_text(group)
+            pid = entry.get("_PID") or ""
+            if type(pid) is not str:
+                pid = str(pid)
             server = group in self.server_units
-        try:
-            ts = int(entry.get("__REALTIME_TIMESTAMP") or 0) / 1e6
-        except (TypeError, ValueError):
-            ts = 0.0
-        text = message_text(entry.get("MESSAGE"))
+        ts = entry.get("__REALTIME_TIMESTAMP") or 0  # microseconds; converted only where used (event_time)
+        text = entry.get("MESSAGE")
+        if type(text) is not str:
+            text = message_text(text)
         if "\x1b" in text:
             text = strip_ansi(text)
         if server:
@@ -325,7 +326,7 @@ class Parser:
             return _NEST_LVL[m.group("lvl")]
         return _PRIORITY.get(str(entry.get("PRIORITY")), "info")
 
-    def _line(self, key: str, group: str, pid: str, ts: float, line: str, entry: Mapping[str, Any],
+    def _line(self, key: str, group: str, pid: str, ts: Any, line: str, entry: Mapping[str, Any],
               out: list[Event]) -> str | None:
         """One physical line; returns its level (None: take it from PRIORITY)."""
         first = line[:1]
@@ -379,7 +380,7 @@ class Parser:
         self._record(group, pid, ts, line.strip(), 1, out, indented=first == " " or first == "\t")
         return None
 
-    def _ep(self, key: str, group: str, pid: str, ts: float, line: str, out: list[Event]) -> bool:
+    def _ep(self, key: str, group: str, pid: str, ts: Any, line: str, out: list[Event]) -> bool:
         s = line.strip()
         blk = self.ep_block.get(key)
         if _EP_BANNER.match(s):
@@ -422,7 +423,7 @@ class Parser:
             self._record(rec[4], rec[5], rec[6], " ".join(x for x in rec[2] if x), rec[3], out)
 
     @staticmethod
-    def _record(group: str, pid: str, ts: float, msg: str, entries: int, out: list[Event],
+    def _record(group: str, pid: str, ts: Any, msg: str, entries: int, out: list[Event],
                 native: str | None = None, indented: bool = False) -> None:
         ok, ev = classify(msg)
         ok = ok or indented  # traceback frames and code lines of plain (non-Rich) stderr output
@@ -447,6 +448,15 @@ def _squash_tail(s: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # MLState: events -> metric values
 # --------------------------------------------------------------------------------------------------
+
+def event_time(ts: Any) -> float | None:
+    """Unix seconds of an event's __REALTIME_TIMESTAMP (None if absent or malformed)."""
+    try:
+        v = int(ts) / 1e6
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 else None
+
 
 def _is_gpu(provider: str | None) -> bool:
     return bool(provider) and provider != CPU and provider != OTHER
@@ -576,10 +586,10 @@ class MLState:
         elif w["effective"] in w["broken"]:
             w["effective"] = CPU
 
-    def _set_effective(self, p: str | None, ts: float) -> None:
+    def _set_effective(self, p: str | None, ts: Any) -> None:
         if p is not None and p != self.log_effective:
             self.log_effective = p
-            self.last_change = ts or self.last_change
+            self.last_change = event_time(ts) or self.last_change
 
     # -- events --------------------------------------------------------------------------------
     def apply(self, ev: Event) -> None:

@@ -234,12 +234,35 @@ class JournalSource(Source):
             self._persisting = False
 
     # -- applying entries ----------------------------------------------------------------------------
-    def apply_line(self, line: bytes) -> None:
+    def apply_line(self, line: bytes | str) -> None:
         try:
             entry = json.loads(line)
         except ValueError:
             return
         self.apply_entry(entry)
+
+    def apply_lines(self, lines: list[str]) -> None:
+        """A chunk of JSON lines; decoded in one json.loads call (measurably faster than per line)."""
+        try:
+            batch = json.loads("[" + ",".join(lines) + "]")
+        except ValueError:  # a malformed line: fall back to one at a time, skipping the bad one
+            for line in lines:
+                self.apply_line(line)
+            return
+        feed, apply = self.parser.feed, self.ml.apply
+        for entry in batch:
+            for ev in feed(entry):
+                apply(ev)
+        if batch:
+            c = batch[-1].get("__CURSOR")
+            if c:
+                self.cursor = c
+            else:
+                for entry in reversed(batch):
+                    if entry.get("__CURSOR"):
+                        self.cursor = entry["__CURSOR"]
+                        break
+        self.entries_read += len(batch)
 
     def apply_entry(self, entry: dict[str, Any]) -> None:
         apply = self.ml.apply
@@ -268,6 +291,7 @@ class JournalSource(Source):
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                     limit=1 << 20)
         self._proc = proc
+        _grow_pipe(proc)
         err_parts: list[bytes] = []
 
         async def read_err() -> None:
@@ -285,21 +309,21 @@ class JournalSource(Source):
         err_task = asyncio.create_task(read_err())
         assert proc.stdout is not None
         rest = b""
-        apply_line = self.apply_line
         try:
             while True:
                 chunk = await proc.stdout.read(1 << 18)
                 if not chunk:
                     break
-                lines = (rest + chunk).split(b"\n")
-                rest = lines.pop()
-                for line in lines:
-                    if line:
-                        apply_line(line)
+                buf = rest + chunk
+                cut = buf.rfind(b"\n") + 1
+                rest = buf[cut:]
+                if cut:
+                    # journalctl's JSON is ASCII/UTF-8 (non-UTF-8 fields come as byte arrays)
+                    self.apply_lines([x for x in buf[:cut].decode("utf-8", "replace").split("\n") if x])
                 if on_chunk is not None:
                     on_chunk()
             if rest.strip():
-                apply_line(rest)
+                self.apply_line(rest)
             rc = await proc.wait()
             await err_task
         finally:
@@ -460,6 +484,18 @@ class JournalSource(Source):
                 write_atomic(self._state_path, self._serialise())
             except OSError as e:
                 log.warning("journal: cannot write %s: %s", self._state_path, e)
+
+
+def _grow_pipe(proc: asyncio.subprocess.Process) -> None:
+    """A 1 MiB pipe instead of 64 KiB: fewer wake-ups and context switches during a backlog."""
+    try:
+        import fcntl
+
+        transport = proc._transport  # type: ignore[attr-defined]
+        pipe = transport.get_pipe_transport(1).get_extra_info("pipe")
+        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (AttributeError, OSError, ImportError):
+        pass
 
 
 class _Failed(Exception):
