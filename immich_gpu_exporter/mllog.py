@@ -6,7 +6,7 @@ Owns three things, none of which does I/O:
   codes, parses Rich's `[%x %X] LEVEL    message` prefix, joins Rich's 80-column continuation lines
   (one journal entry each) per stream, and classifies each logical record with the table `RULES`.
 * `MLState`: `Event`s (plus NVML observations) -> the values behind every `immich_ml_*` metric.
-  THE PROVIDER RULES live in its docstring and nowhere else.
+  The provider rules are written down once, in docs/journal.md ("Provider rules").
 * Both serialise to plain JSON (`dump()`/`load()`), so the journal source can persist them together
   with the journal cursor: after a restart nothing is re-counted and nothing is lost.
 
@@ -463,34 +463,11 @@ def _is_gpu(provider: str | None) -> bool:
 
 
 class MLState:
-    """The ML service as the journal (and NVML) describe it. THE PROVIDER RULES:
+    """The ML service as the journal (and NVML) describe it.
 
-    1. Worker. Every ML log line belongs to a gunicorn worker: its _PID on systemd hosts; on Docker
-       (journald log driver, where _PID is dockerd's) the worker that booted last in the container.
-       A worker starts clean at `Booting worker with pid: N` (or at the first line of an unknown PID).
-    2. Preferred provider = the first provider of the latest `Setting execution providers to [...]`
-       line of any worker (the v1.94-v1.106 form `Setting '<model>' execution providers to [...]` too).
-    3. A provider is *broken* in a worker once that worker logged, before or after its provider line
-       (stdout and stderr reach the journal separately, so the order is not reliable):
-       `Failed to create <P>` (create_failed), `Failed to load library libonnxruntime_providers_<p>.so`
-       (library_load), `Specified provider '<P>' is not in available provider names` (not_available),
-       `OpenVINO: No GPU found, using CPU` (not_available, OpenVINO) or ORT's `EP Error ... when using
-       [<P>, ...]` + `Falling back to [...]` block (ep_fallback). Broken stays broken for the life of
-       the worker: ORT does not retry a provider that failed to load in a process.
-       `CUDA failure N` / `CUDA error` / HIP failures are counted (cuda_failure) but break nothing on
-       their own: at session creation ORT follows them with the EP Error fallback block, at run time
-       the request fails but the session keeps its provider.
-    4. Worker's effective provider = the first provider of its latest list that is not broken
-       (for an EP Error block: the first of the `Falling back to [...]` list); CPU if none is left.
-       The exporter's effective provider is that of the worker that logged a provider line or a
-       provider failure last. Worker exits and boots do not change it: a new worker re-logs its
-       providers when it loads a model, and until then the last known provider is the best guess.
-    5. GPU-memory cross-check (only while the NVML source is up): if the preferred provider is an
-       NVIDIA one (CUDA, TensorRT), the log says it is effective, a model is loaded, and the ML
-       component holds no GPU memory for `journal.fallback-grace` seconds, the effective provider is
-       CPU (counted once per episode as kind no_gpu_memory). It ends when GPU memory shows up, the
-       models are unloaded or the log changes the provider.
-    6. cpu_fallback = 1 when the preferred provider is not CPU and the effective one is CPU.
+    Implements the provider rules written down once, in docs/journal.md ("Provider rules"; the
+    numbers in comments below refer to them): 1 worker identity, 2 preferred provider, 3 broken
+    providers, 4 effective provider, 5 GPU-memory cross-check, 6 cpu_fallback.
     """
 
     def __init__(self, grace: float = 120.0) -> None:
@@ -600,13 +577,13 @@ class MLState:
         elif k == "unrecognized":
             u = self._unit(ev.group)
             self.unrecognized[u] = self.unrecognized.get(u, 0) + ev.a
-        elif k == "providers":
+        elif k == "providers":  # rules 2 and 4
             w = self._worker(ev)
             w["providers"] = [self._provider(p) for p in ev.a]
             self._recompute(w)
             self.preferred = w["providers"][0]
             self._set_effective(w["effective"], ev.ts)
-        elif k == "provider_error":
+        elif k == "provider_error":  # rule 3
             w = self._worker(ev)
             prov = ev.a or (w["providers"][0] if w["providers"] else self.preferred) or "unknown"
             prov = self._provider(prov)
@@ -620,7 +597,7 @@ class MLState:
                     w["effective"] = prov
                 self._recompute(w)
                 self._set_effective(w["effective"], ev.ts)
-        elif k == "fallback":
+        elif k == "fallback":  # rules 3 and 4 (EP Error block)
             w = self._worker(ev)
             prov = ev.a or (w["providers"][0] if w["providers"] else self.preferred) or "unknown"
             prov = self._provider(prov)
@@ -685,7 +662,7 @@ class MLState:
                 out.update((t, m) for t, m in w["models"])
         return out
 
-    def observe_gpu(self, now: float, ml_gpu_bytes: float | None) -> None:
+    def observe_gpu(self, now: float, ml_gpu_bytes: float | None) -> None:  # rule 5
         """ml_gpu_bytes: the ML component's GPU memory from NVML, None while NVML is not up."""
         armed = (ml_gpu_bytes is not None and ml_gpu_bytes <= 0 and self.preferred in NVIDIA_PROVIDERS
                  and self.log_effective == self.preferred and bool(self.loaded_models()))
