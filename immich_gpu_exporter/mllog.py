@@ -117,8 +117,6 @@ def _library_provider(short: str) -> str:
 # specific rules come before the generic "search anywhere" ones so one failure is counted once.
 # --------------------------------------------------------------------------------------------------
 
-Result = "tuple[str, Any, Any] | None"
-
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
