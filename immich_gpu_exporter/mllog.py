@@ -1,0 +1,724 @@
+"""The ML service's journal, as pure data: journal entries -> events -> metrics state.
+
+Owns three things, none of which does I/O:
+
+* `Parser`: journal entries (dicts as `journalctl -o json` prints them) -> `Event`s. It strips ANSI
+  codes, parses Rich's `[%x %X] LEVEL    message` prefix, joins Rich's 80-column continuation lines
+  (one journal entry each) per stream, and classifies each logical record with the table `RULES`.
+* `MLState`: `Event`s (plus NVML observations) -> the values behind every `immich_ml_*` metric.
+  The provider rules are written down once, in docs/journal.md ("Provider rules").
+* Both serialise to plain JSON (`dump()`/`load()`), so the journal source can persist them together
+  with the journal cursor: after a restart nothing is re-counted and nothing is lost.
+
+Log texts follow ../shared/research/immich.md sections 1.2-1.4 (Immich v1.94 .. v3.1, gunicorn,
+uvicorn, ONNX Runtime native and Python output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
+
+from .core import Sample, sample
+
+CPU = "CPUExecutionProvider"
+# Providers whose memory NVML can see; only these take part in the GPU-memory cross-check.
+NVIDIA_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider"})
+ERROR_KINDS = ("create_failed", "library_load", "cuda_failure", "ep_fallback", "not_available", "no_gpu_memory")
+# Kinds that mean "this provider cannot run in this worker" (see MLState).
+BREAKING_KINDS = frozenset({"create_failed", "library_load", "ep_fallback", "not_available"})
+EXIT_REASONS = ("inactivity", "timeout", "oom_kill", "signal", "error")
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# Cardinality caps: beyond them a new value is exposed as "other".
+MAX_PROVIDERS = 16
+MAX_MODELS = 32
+MAX_UNITS = 16
+MAX_WORKERS = 64  # worker records kept (live ones plus recently exited, for exit de-duplication)
+MAX_RECORD_LINES = 200  # a longer Rich record (a huge traceback) is cut; the rest is still "continuation"
+MAX_EP_BLOCK_LINES = 60
+OTHER = "other"
+
+
+class Event(NamedTuple):
+    kind: str  # see MLState.apply
+    group: str  # unit or container the entry came from
+    pid: str  # the entry's _PID for systemd units, "" for containers (see MLState._worker)
+    ts: Any  # the entry's __REALTIME_TIMESTAMP as journalctl gives it (microseconds); see event_time()
+    a: Any = None
+    b: Any = None
+
+
+# --------------------------------------------------------------------------------------------------
+# physical lines
+# --------------------------------------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+_RICH = re.compile(r"\[(?P<ts>[^\]\[]{4,40})\] (?P<lvl>DEBUG|INFO|WARNING|ERROR|CRITICAL) +(?P<msg>.*)")
+_RICH_NO_TIME = re.compile(r"(?P<pad> {8,40})(?P<lvl>DEBUG|INFO|WARNING|ERROR|CRITICAL) +(?P<msg>\S.*)")
+_GUNICORN_PLAIN = re.compile(r"\[[^\]]{8,40}\] \[\d+\] \[(?P<lvl>DEBUG|INFO|WARNING|ERROR|CRITICAL)\] (?P<msg>.*)")
+_PY_PLAIN = re.compile(r"(?P<lvl>DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL):\s+(?P<msg>.*)")
+_ORT = re.compile(r"(?:\d{4}-\d\d-\d\d[ T][\d:.]+ )?\[(?P<sev>[VIWEF]):onnxruntime:(?P<id>[^,\]]*),? *(?P<loc>[^\]]*)\] ?(?P<msg>.*)")
+_NEST = re.compile(r"\[Nest\] \d+\s+-\s.*?\s(?P<lvl>LOG|WARN|ERROR|DEBUG|VERBOSE|FATAL)\s")
+_ORT_SEV = {"V": "debug", "I": "info", "W": "warning", "E": "error", "F": "critical"}
+_NEST_LVL = {"LOG": "info", "WARN": "warning", "ERROR": "error", "DEBUG": "debug", "VERBOSE": "debug",
+             "FATAL": "critical"}
+_PRIORITY = {"0": "critical", "1": "critical", "2": "critical", "3": "error", "4": "warning", "5": "info",
+             "6": "info", "7": "debug"}
+
+
+def message_text(value: Any) -> str:
+    """MESSAGE as journalctl -o json gives it: a string, a list of byte values (binary or non-UTF-8
+    field), or null (field too large for journalctl's JSON output)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        try:
+            return bytes(value).decode("utf-8", "replace")
+        except (TypeError, ValueError):
+            return ""
+    return str(value)
+
+
+def strip_ansi(s: str) -> str:
+    return _ANSI.sub("", s) if "\x1b" in s else s
+
+
+def _squash(s: str) -> str:
+    """Whitespace never matters inside a provider list or a quoted model name, but Rich's wrapping
+    may put a line break (and our join a space) into them."""
+    return "".join(s.split())
+
+
+def _quoted(s: str) -> list[str]:
+    return re.findall(r"['\"]([^'\"]+)['\"]", _squash(s))
+
+
+_VALID_NAME = re.compile(r"[A-Za-z0-9_.:+@-]{1,80}")
+_LIBRARY_PROVIDER = {
+    "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider", "openvino": "OpenVINOExecutionProvider",
+    "dnnl": "DnnlExecutionProvider", "vitisai": "VitisAIExecutionProvider", "qnn": "QNNExecutionProvider",
+    "coreml": "CoreMLExecutionProvider", "nv_tensorrt_rtx": "NvTensorRTRTXExecutionProvider",
+}
+
+
+def _library_provider(short: str) -> str:
+    short = short.lower()
+    return _LIBRARY_PROVIDER.get(short, f"{short.upper()}ExecutionProvider")
+
+
+# --------------------------------------------------------------------------------------------------
+# message rules: the table. Each rule: a cheap literal needle, a regex searched in the logical
+# message, and a handler returning (kind, a, b) or None (= recognised, no event). First match wins;
+# specific rules come before the generic "search anywhere" ones so one failure is counted once.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str
+    needles: tuple[str, ...]  # cheap pre-filter: the regex runs only if one of them is in the message
+    regex: re.Pattern[str]
+    handler: Callable[[re.Match[str]], Any]
+
+
+def _r(name: str, needle: str | tuple[str, ...], pattern: str,
+       handler: Callable[[re.Match[str]], Any] = lambda m: None) -> Rule:
+    return Rule(name, (needle,) if isinstance(needle, str) else needle, re.compile(pattern), handler)
+
+
+def _providers(m: re.Match[str]) -> Any:
+    names = [p for p in _quoted(m.group("list")) if _VALID_NAME.fullmatch(p)]
+    return ("providers", tuple(names), None) if names else None
+
+
+def _model(m: re.Match[str]) -> Any:
+    mtype = "_".join(m.group("type").split()).replace("-", "_").lower()
+    name = _squash(m.group("name"))
+    return ("model_load", mtype[:40] or "unknown", name if _VALID_NAME.fullmatch(name) else OTHER)
+
+
+def _exit(reason: str) -> Callable[[re.Match[str]], Any]:
+    return lambda m: ("worker_exit", m.group("pid"), reason)
+
+
+def _sent(m: re.Match[str]) -> Any:
+    sig = m.group("sig")
+    if sig == "SIGKILL" or sig == "code 9":
+        return ("worker_exit", m.group("pid"), "oom_kill")
+    return ("worker_exit", m.group("pid"), "signal")
+
+
+def _error(kind: str, provider: str | None = None) -> Callable[[re.Match[str]], Any]:
+    def h(m: re.Match[str]) -> Any:
+        p = provider
+        if p is None:
+            gd = m.groupdict()
+            if gd.get("provider"):
+                p = gd["provider"]
+            elif gd.get("lib"):
+                p = _library_provider(gd["lib"])
+        return ("provider_error", p, kind)
+    return h
+
+
+RULES: tuple[Rule, ...] = (
+    # --- execution providers (Immich sessions/ort.py); v1.107+ and the v1.94-v1.106 form ---------
+    _r("providers", "execution providers to", r"^Setting (?:'[^']*' )?execution providers to (?P<list>\[.*?\])", _providers),
+    _r("openvino_cpu", "OpenVINO: No GPU found", r"OpenVINO: No GPU found",
+       lambda m: ("provider_error", "OpenVINOExecutionProvider", "not_available")),
+    # --- models ----------------------------------------------------------------------------
+    _r("model_load", "model", r"^(?:Loading|Attempt #\d+ to load) (?P<type>[\w -]+?) model '(?P<name>[^']+)'", _model),
+    _r("idle_shutdown", "Shutting down due to inactivity", r"^Shutting down due to inactivity", lambda m: ("idle_shutdown", None, None)),
+    # --- gunicorn arbiter / worker lifecycle --------------------------------------------------
+    _r("boot", "Booting worker", r"Booting worker with pid: (?P<pid>\d+)", lambda m: ("worker_boot", m.group("pid"), None)),
+    _r("timeout", "WORKER TIMEOUT", r"WORKER TIMEOUT \(pid: ?(?P<pid>\d+)\)", _exit("timeout")),
+    _r("sent", "was sent", r"Worker \(pid: ?(?P<pid>\d+)\) was sent (?P<sig>SIG[A-Z0-9]+|code \d+)", _sent),
+    _r("exit_code", "exited with code", r"Worker \(pid: ?(?P<pid>\d+)\) exited with code (?P<code>-?\d+)", _exit("error")),
+    _r("worker_exiting", "Worker exiting", r"Worker exiting \(pid: ?(?P<pid>\d+)\)", lambda m: ("worker_gone", m.group("pid"), None)),
+    _r("arbiter_start", "Starting gunicorn", r"^Starting gunicorn", lambda m: ("arbiter_start", None, None)),
+    _r("immich_init", "Initializing Immich ML", r"^Initializing Immich ML", lambda m: ("arbiter_start", None, None)),
+    _r("arbiter_stop", "Shutting down: Master", r"^Shutting down: Master", lambda m: ("arbiter_stop", None, None)),
+    # --- ONNX Runtime failures (native logger, Python warnings, exception texts) --------------
+    _r("create_failed", "Failed to create", r"Failed to create (?P<provider>\w+ExecutionProvider)", _error("create_failed")),
+    _r("library_load", "Failed to load library", r"Failed to load library (?:\S*/)?libonnxruntime_providers_(?P<lib>\w+?)\.(?:so|dll|dylib)",
+       _error("library_load")),
+    _r("not_available", "is not in available provider names",
+       r"Specified provider '(?P<provider>\w+)' is not in available provider names", _error("not_available")),
+    _r("cuda_failure", "failure", r"\b(?:CUDA|CUDNN|CUBLAS|CUFFT|CURAND|NCCL) failure -?\d+", _error("cuda_failure", "CUDAExecutionProvider")),
+    _r("cuda_error", ("CUDA error", "cudaError"), r"\bCUDA error\b|\bcudaError\w+", _error("cuda_failure", "CUDAExecutionProvider")),
+    _r("hip_failure", ("failure", "hipError"), r"\b(?:HIP|MIOPEN|ROCBLAS|HIPBLAS|MIGRAPHX) failure -?\d+|\bhipError\w+", _error("cuda_failure")),
+    # --- server (immich-server) --------------------------------------------------------------
+    _r("server_health", "Machine learning server became", r"Machine learning server became (?P<h>healthy|unhealthy)",
+       lambda m: ("server_health", m.group("h") == "healthy", None)),
+)
+
+# Recognised lines that carry no event (so they are not counted as unrecognised).
+BENIGN_PATTERNS: tuple[str, ...] = (
+    r"^Created in-memory cache", r"^Initialized request thread pool", r"^Preloading models", r"^Downloading ",
+    r"^Available ORT providers", r"^Setting execution provider options", r"^Setting (?:execution_mode|inter_op_num_threads|intra_op_num_threads|model format)",
+    r"^Could not load ANN", r"^(?:Loading|Loaded|Unloaded) ANN model", r"^(?:Loading|Loaded) RKNN model",
+    r"^Device is not supported for RKNN", r"^Could not read ", r"^RKNN is not available", r"is available, but model",
+    r"^Failed to load .* model '", r"^Cleared cache directory", r"^Invalid request format", r"^Language '",
+    r"^OpenVINO: Using GPU device", r"^Exception in ASGI application", r"^Listening at: ", r"^Using worker: ",
+    r"^Handling signal: ", r"^Reason: ", r"^Worker failed to boot", r"^App failed to load", r"^Started server process",
+    r"^Waiting for application (?:startup|shutdown)", r"^Application (?:startup|shutdown) complete", r"^Shutting down$",
+    r"^Finished server process", r"^Control socket", r"^\d+\.\d+\.\d+\.\d+:\d+ - \"", r"^\[?[\w:.]*\]?:?\d* - \"",
+    r"^Traceback \(most recent call last\)", r"^File \"", r"^\s", r"^[╭╰│]", r"^\w+(?:\.\w+)*(?:Error|Exception|Fail|Warning): ",
+    r"^warnings\.warn", r"^\[OpenVINO-EP\]", r"^MIGraphX", r"^The above exception", r"^During handling of the above",
+    r"^\[Nest\] ", r"^$",
+)
+_BENIGN = re.compile("|".join(f"(?:{p})" for p in BENIGN_PATTERNS))  # one search instead of ~45
+
+
+def classify(msg: str) -> tuple[bool, Any]:
+    """One logical message -> (recognised, (kind, a, b) or None)."""
+    for rule in RULES:
+        for needle in rule.needles:
+            if needle in msg:
+                break
+        else:
+            continue
+        m = rule.regex.search(msg)
+        if m is not None:
+            return True, rule.handler(m)
+    return _BENIGN.search(msg) is not None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser: entries -> events, with per-stream continuation joining and EP-Error block tracking
+# --------------------------------------------------------------------------------------------------
+
+_EP_BANNER = re.compile(r"^\*{5,} ?EP Error ?\*{5,}$")
+_EP_END = re.compile(r"^\*{20,}$")
+_EP_ERROR = re.compile(r"^EP Error:? ")
+_EP_USING = re.compile(r"(?:when )?using (?P<list>\[[^\]]*\])\s*$")
+_EP_FALLBACK = re.compile(r"^Falling back to (?P<list>\[[^\]]*\]) and retrying")
+
+
+class Parser:
+    """Turns journal entries into `Event`s.
+
+    A *stream* is (unit or container, _PID): Rich's continuation lines are joined only within their
+    stream. A Rich record stays pending until the next non-continuation line of its stream or
+    `flush()` (called by the source when the journal has been quiet for a moment).
+    """
+
+    def __init__(self, server_units: Iterable[str] = (), server_containers: Iterable[str] = ()) -> None:
+        self.server_units = frozenset(server_units)
+        self.server_containers = frozenset(server_containers)
+        # stream key -> [level, msg_col, [lines], entry_count, group, pid, ts]
+        self.pending: dict[str, list[Any]] = {}
+        # stream key -> [failing provider or None, lines seen] while inside an EP Error block
+        self.ep_block: dict[str, list[Any]] = {}
+
+    # -- persistence ---------------------------------------------------------------------------
+    def dump(self) -> dict[str, Any]:
+        return {"pending": self.pending, "ep_block": self.ep_block}
+
+    def load(self, data: Mapping[str, Any]) -> None:
+        self.pending = {k: list(v) for k, v in dict(data.get("pending") or {}).items()}
+        self.ep_block = {k: list(v) for k, v in dict(data.get("ep_block") or {}).items()}
+
+    # -- feeding -------------------------------------------------------------------------------
+    def feed(self, entry: Mapping[str, Any]) -> list[Event]:
+        out: list[Event] = []
+        container = entry.get("CONTAINER_NAME")
+        if container:
+            group, pid = container if type(container) is str else message_text(container), ""
+            server = group in self.server_containers
+        else:
+            group = entry.get("_SYSTEMD_UNIT") or entry.get("SYSLOG_IDENTIFIER") or "unknown"
+            if type(group) is not str:
+                group = message_text(group)
+            pid = entry.get("_PID") or ""
+            if type(pid) is not str:
+                pid = str(pid)
+            server = group in self.server_units
+        ts = entry.get("__REALTIME_TIMESTAMP") or 0  # microseconds; converted only where used (event_time)
+        text = entry.get("MESSAGE")
+        if type(text) is not str:
+            text = message_text(text)
+        if "\x1b" in text:
+            text = strip_ansi(text)
+        if server:
+            out.append(Event("log", group, pid, ts, self._server_level(text, entry), 1))
+            if "Machine learning server became" in text:
+                ok, ev = classify(text)
+                if ev is not None:
+                    out.append(Event(ev[0], group, pid, ts, ev[1], ev[2]))
+            return out
+        key = f"{group}\x00{pid}"
+        level = None
+        lines = text.split("\n") if "\n" in text else (text,)
+        if len(lines) > 1 and not lines[0].startswith("[") and "onnxruntime:" not in lines[0][:64] \
+                and not lines[0].startswith(" "):
+            # a multi-line entry that is not Rich output (a traceback sent in one piece): one record
+            self._record(group, pid, ts, " ".join(x.strip() for x in lines if x.strip()), 1, out)
+            lines = ()
+        for line in lines:
+            if line.endswith("\r"):
+                line = line[:-1]
+            lv = self._line(key, group, pid, ts, line, entry, out)
+            if level is None:
+                level = lv
+        # count the entry once, with the level of its first line
+        out.insert(0, Event("log", group, pid, ts, level or _PRIORITY.get(str(entry.get("PRIORITY")), "info"), 1))
+        return out
+
+    def flush(self) -> list[Event]:
+        out: list[Event] = []
+        for key in list(self.pending):
+            self._close(key, out)
+        return out
+
+    # -- internals -----------------------------------------------------------------------------
+    @staticmethod
+    def _server_level(text: str, entry: Mapping[str, Any]) -> str:
+        m = _NEST.match(text)
+        if m:
+            return _NEST_LVL[m.group("lvl")]
+        return _PRIORITY.get(str(entry.get("PRIORITY")), "info")
+
+    def _line(self, key: str, group: str, pid: str, ts: Any, line: str, entry: Mapping[str, Any],
+              out: list[Event]) -> str | None:
+        """One physical line; returns its level (None: take it from PRIORITY)."""
+        first = line[:1]
+        if first == "[":
+            m = _RICH.match(line)
+            if m is not None:
+                self._close(key, out)
+                self.pending[key] = [m.group("lvl").lower(), m.start("msg"), [m.group("msg").rstrip()], 1, group,
+                                     pid, ts]
+                return m.group("lvl").lower()
+            m = _GUNICORN_PLAIN.match(line)
+            if m is not None:
+                self._record(group, pid, ts, m.group("msg"), 1, out)
+                return m.group("lvl").lower()
+        elif first == " " or first == "\t":
+            rec = self.pending.get(key)
+            stripped = line.strip()
+            if rec is not None and (line[: rec[1]].strip() == "" or not stripped):
+                if len(rec[2]) < MAX_RECORD_LINES:
+                    rec[2].append(stripped)
+                rec[3] += 1
+                return rec[0]
+            m = _RICH_NO_TIME.match(line)
+            if m is not None and (rec is None or len(m.group("pad")) < rec[1]):
+                # Rich left the time column blank (same time as the previous record)
+                self._close(key, out)
+                self.pending[key] = [m.group("lvl").lower(), m.start("msg"), [m.group("msg").rstrip()], 1,
+                                     group, pid, ts]
+                return m.group("lvl").lower()
+            if rec is None and len(line) - len(line.lstrip(" ")) >= 20:
+                # a continuation whose record we never saw (read window began mid-record): recognised
+                return None
+        # Any other line ends the stream's pending Rich record: Rich writes a record in one write(),
+        # which journald stores as consecutive entries, so nothing of the same process comes between.
+        if key in self.pending:
+            self._close(key, out)
+        if "onnxruntime:" in line[:64]:
+            m = _ORT.match(line)
+            if m is not None:
+                self._record(group, pid, ts, m.group("msg"), 1, out, native=m.group("loc"))
+                return _ORT_SEV[m.group("sev")]
+        # ORT's Python fallback prints (stdout, no prefix)
+        blk = self.ep_block.get(key)
+        if blk is not None or "EP Error" in line or line.startswith("Falling back to"):
+            if self._ep(key, group, pid, ts, line, out):
+                return "error"
+        m = _PY_PLAIN.match(line)
+        if m is not None:
+            self._record(group, pid, ts, m.group("msg"), 1, out)
+            return {"warn": "warning"}.get(m.group("lvl").lower(), m.group("lvl").lower())
+        self._record(group, pid, ts, line.strip(), 1, out, indented=first == " " or first == "\t")
+        return None
+
+    def _ep(self, key: str, group: str, pid: str, ts: Any, line: str, out: list[Event]) -> bool:
+        s = line.strip()
+        blk = self.ep_block.get(key)
+        if _EP_BANNER.match(s):
+            self.ep_block[key] = [None, 0]
+            return True
+        m = _EP_FALLBACK.match(s)
+        if m is not None:
+            failing = blk[0] if blk is not None and blk[0] else None
+            out.append(Event("fallback", group, pid, ts, failing, tuple(_quoted(m.group("list")))))
+            if blk is not None:
+                blk[0] = "done"
+            return True
+        if blk is not None and blk[0] == "done":
+            del self.ep_block[key]
+            return bool(_EP_END.match(s))
+        if _EP_ERROR.match(s) or (blk is not None and blk[0] is None):
+            if blk is None:
+                blk = self.ep_block[key] = [None, 0]
+            m = _EP_USING.search(_squash_tail(s))
+            if m is not None:
+                names = _quoted(m.group("list"))
+                blk[0] = names[0] if names else ""
+            blk[1] += 1
+            if blk[1] > MAX_EP_BLOCK_LINES:
+                del self.ep_block[key]
+            return True
+        if blk is not None:
+            if _EP_END.match(s):
+                del self.ep_block[key]
+            else:
+                blk[1] += 1
+                if blk[1] > MAX_EP_BLOCK_LINES:
+                    del self.ep_block[key]
+            return True
+        return False
+
+    def _close(self, key: str, out: list[Event]) -> None:
+        rec = self.pending.pop(key, None)
+        if rec is not None:
+            self._record(rec[4], rec[5], rec[6], " ".join(x for x in rec[2] if x), rec[3], out)
+
+    @staticmethod
+    def _record(group: str, pid: str, ts: Any, msg: str, entries: int, out: list[Event],
+                native: str | None = None, indented: bool = False) -> None:
+        ok, ev = classify(msg)
+        ok = ok or indented  # traceback frames and code lines of plain (non-Rich) stderr output
+        if native is not None and ev is None and not ok:
+            ok = True  # any ONNX Runtime native line is a known format, even if not an EP failure
+            if "TryGetProviderInfo_" in native and "Failed" in msg:
+                prov = native.split("TryGetProviderInfo_", 1)[1].split()[0]
+                ev = ("provider_error", _library_provider(prov), "library_load")
+        if ev is not None:
+            out.append(Event(ev[0], group, pid, ts, ev[1], ev[2]))
+        elif not ok:
+            out.append(Event("unrecognized", group, pid, ts, entries, None))
+
+
+def _squash_tail(s: str) -> str:
+    # the provider list at the end of "EP Error ... when using [...]" may be wrapped by nothing but
+    # its own ", " separators; normalise them so the list regex sees one token
+    i = s.rfind("[")
+    return s if i < 0 else s[:i] + _squash(s[i:])
+
+
+# --------------------------------------------------------------------------------------------------
+# MLState: events -> metric values
+# --------------------------------------------------------------------------------------------------
+
+def event_time(ts: Any) -> float | None:
+    """Unix seconds of an event's __REALTIME_TIMESTAMP (None if absent or malformed)."""
+    try:
+        v = int(ts) / 1e6
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 else None
+
+
+def _is_gpu(provider: str | None) -> bool:
+    return bool(provider) and provider != CPU and provider != OTHER
+
+
+class MLState:
+    """The ML service as the journal (and NVML) describe it.
+
+    Implements the provider rules written down once, in docs/journal.md ("Provider rules"; the
+    numbers in comments below refer to them): 1 worker identity, 2 preferred provider, 3 broken
+    providers, 4 effective provider, 5 GPU-memory cross-check, 6 cpu_fallback.
+    """
+
+    def __init__(self, grace: float = 120.0) -> None:
+        self.grace = grace
+        self.errors: dict[tuple[str, str], int] = {}
+        self.model_loads: dict[tuple[str, str], int] = {}
+        self.exits: dict[str, int] = {}
+        self.boots = 0
+        self.entries: dict[tuple[str, str], int] = {}
+        self.unrecognized: dict[str, int] = {}
+        self.providers_seen: list[str] = []
+        self.models_seen: list[tuple[str, str]] = []
+        self.units_seen: list[str] = []
+        self.preferred: str | None = None
+        self.log_effective: str | None = None
+        # worker key "group\0pid" -> {"providers": [...], "broken": [...], "effective": str|None,
+        #                              "models": [[type, name], ...], "exited": bool}
+        self.workers: dict[str, dict[str, Any]] = {}
+        self.current: dict[str, str] = {}  # group -> pid of the worker that booted last (containers)
+        self.server_healthy: bool | None = None
+        self.last_change: float | None = None
+        self.no_gpu_since: float | None = None
+        self.nvml_fallback = False
+
+    # -- persistence ---------------------------------------------------------------------------
+    _PERSIST = ("boots", "providers_seen", "units_seen", "preferred", "log_effective", "workers", "current",
+                "server_healthy", "last_change")
+
+    def dump(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self._PERSIST}
+        d["errors"] = [[p, k, n] for (p, k), n in self.errors.items()]
+        d["model_loads"] = [[t, m, n] for (t, m), n in self.model_loads.items()]
+        d["models_seen"] = [list(x) for x in self.models_seen]
+        d["exits"] = self.exits
+        d["entries"] = [[u, lv, n] for (u, lv), n in self.entries.items()]
+        d["unrecognized"] = self.unrecognized
+        return d
+
+    def load(self, d: Mapping[str, Any]) -> None:
+        for k in self._PERSIST:
+            if k in d:
+                setattr(self, k, d[k])
+        self.errors = {(p, k): int(n) for p, k, n in d.get("errors", ())}
+        self.model_loads = {(t, m): int(n) for t, m, n in d.get("model_loads", ())}
+        self.models_seen = [(t, m) for t, m in d.get("models_seen", ())]
+        self.exits = {str(k): int(v) for k, v in dict(d.get("exits") or {}).items()}
+        self.entries = {(u, lv): int(n) for u, lv, n in d.get("entries", ())}
+        self.unrecognized = {str(k): int(v) for k, v in dict(d.get("unrecognized") or {}).items()}
+
+    # -- bounded label values ------------------------------------------------------------------
+    def _provider(self, p: str) -> str:
+        if p in self.providers_seen:
+            return p
+        if len(self.providers_seen) < MAX_PROVIDERS:
+            self.providers_seen.append(p)
+            return p
+        return OTHER
+
+    def _model(self, key: tuple[str, str]) -> tuple[str, str]:
+        if key in self.models_seen:
+            return key
+        if len(self.models_seen) < MAX_MODELS:
+            self.models_seen.append(key)
+            return key
+        return (OTHER, OTHER)
+
+    def _unit(self, u: str) -> str:
+        if u in self.units_seen:
+            return u
+        if len(self.units_seen) < MAX_UNITS:
+            self.units_seen.append(u)
+            return u
+        return OTHER
+
+    # -- workers -------------------------------------------------------------------------------
+    def _worker(self, ev: Event, pid: str | None = None, create: bool = True) -> dict[str, Any] | None:
+        if pid is None:
+            pid = ev.pid or self.current.get(ev.group, "")
+        key = f"{ev.group}\x00{pid}"
+        w = self.workers.get(key)
+        if w is None and create:
+            if len(self.workers) >= MAX_WORKERS:
+                # drop exited workers first, then the oldest
+                victim = next((k for k, v in self.workers.items() if v["exited"]), next(iter(self.workers)))
+                del self.workers[victim]
+            w = self.workers[key] = {"providers": [], "broken": [], "effective": None, "models": [], "exited": False}
+        return w
+
+    @staticmethod
+    def _recompute(w: dict[str, Any]) -> None:
+        if w["providers"]:
+            w["effective"] = next((p for p in w["providers"] if p not in w["broken"]), CPU)
+        elif w["effective"] in w["broken"]:
+            w["effective"] = CPU
+
+    def _set_effective(self, p: str | None, ts: Any) -> None:
+        if p is not None and p != self.log_effective:
+            self.log_effective = p
+            self.last_change = event_time(ts) or self.last_change
+
+    # -- events --------------------------------------------------------------------------------
+    def apply(self, ev: Event) -> None:
+        k = ev.kind
+        if k == "log":
+            key = (self._unit(ev.group), ev.a if ev.a in LEVELS else "info")
+            self.entries[key] = self.entries.get(key, 0) + ev.b
+        elif k == "unrecognized":
+            u = self._unit(ev.group)
+            self.unrecognized[u] = self.unrecognized.get(u, 0) + ev.a
+        elif k == "providers":  # rules 2 and 4
+            w = self._worker(ev)
+            w["providers"] = [self._provider(p) for p in ev.a]
+            self._recompute(w)
+            self.preferred = w["providers"][0]
+            self._set_effective(w["effective"], ev.ts)
+        elif k == "provider_error":  # rule 3
+            w = self._worker(ev)
+            prov = ev.a or (w["providers"][0] if w["providers"] else self.preferred) or "unknown"
+            prov = self._provider(prov)
+            self.errors[(prov, ev.b)] = self.errors.get((prov, ev.b), 0) + 1
+            if ev.b in BREAKING_KINDS and prov != CPU:
+                if self.preferred is None:  # the window began after the provider line: P was requested
+                    self.preferred = prov
+                if prov not in w["broken"]:
+                    w["broken"].append(prov)
+                if w["effective"] is None:
+                    w["effective"] = prov
+                self._recompute(w)
+                self._set_effective(w["effective"], ev.ts)
+        elif k == "fallback":  # rules 3 and 4 (EP Error block)
+            w = self._worker(ev)
+            prov = ev.a or (w["providers"][0] if w["providers"] else self.preferred) or "unknown"
+            prov = self._provider(prov)
+            self.errors[(prov, "ep_fallback")] = self.errors.get((prov, "ep_fallback"), 0) + 1
+            if prov != CPU and prov not in w["broken"]:
+                w["broken"].append(prov)
+            target = next((self._provider(p) for p in ev.b if p not in w["broken"]), CPU) if ev.b else None
+            w["effective"] = target or CPU
+            if not w["providers"] and ev.b:
+                w["providers"] = [prov] + [self._provider(p) for p in ev.b]
+            self._set_effective(w["effective"], ev.ts)
+        elif k == "model_load":
+            key = self._model((ev.a, ev.b))
+            self.model_loads[key] = self.model_loads.get(key, 0) + 1
+            w = self._worker(ev)
+            if list(key) not in w["models"]:
+                w["models"].append(list(key))
+        elif k == "idle_shutdown":
+            w = self._worker(ev)
+            self._exit(w, "inactivity")
+        elif k == "worker_boot":
+            self.boots += 1
+            if ev.pid == "":  # container: later lines carry no usable _PID, they belong to this one
+                self.current[ev.group] = ev.a
+            self.workers.pop(f"{ev.group}\x00{ev.a}", None)
+            self._worker(ev, pid=ev.a)
+        elif k == "worker_exit":
+            w = self._worker(ev, pid=self._pid_for(ev), create=True)
+            self._exit(w, ev.b)
+        elif k == "worker_gone":
+            w = self._worker(ev, pid=self._pid_for(ev), create=False)
+            if w is not None:
+                w["models"] = []
+                w["exited"] = True
+        elif k in ("arbiter_start", "arbiter_stop"):
+            prefix = ev.group + "\x00"
+            for key, w in self.workers.items():
+                if key.startswith(prefix):
+                    w["models"] = []
+                    w["exited"] = True
+        elif k == "server_health":
+            self.server_healthy = bool(ev.a)
+
+    def _pid_for(self, ev: Event) -> str:
+        # gunicorn names the worker; on systemd hosts that is also its _PID, in a container its
+        # in-container pid, which is what "Booting worker with pid: N" recorded there
+        return str(ev.a)
+
+    def _exit(self, w: dict[str, Any], reason: str) -> None:
+        # one exit per worker: WORKER TIMEOUT is followed by "exited with code 1" or "was sent
+        # SIGKILL", an inactivity shutdown by "Worker exiting"; the first line names the reason
+        if not w["exited"]:
+            self.exits[reason] = self.exits.get(reason, 0) + 1
+        w["exited"] = True
+        w["models"] = []
+
+    # -- NVML cross-check ----------------------------------------------------------------------
+    def loaded_models(self) -> set[tuple[str, str]]:
+        out: set[tuple[str, str]] = set()
+        for w in self.workers.values():
+            if not w["exited"]:
+                out.update((t, m) for t, m in w["models"])
+        return out
+
+    def observe_gpu(self, now: float, ml_gpu_bytes: float | None) -> None:  # rule 5
+        """ml_gpu_bytes: the ML component's GPU memory from NVML, None while NVML is not up."""
+        armed = (ml_gpu_bytes is not None and ml_gpu_bytes <= 0 and self.preferred in NVIDIA_PROVIDERS
+                 and self.log_effective == self.preferred and bool(self.loaded_models()))
+        if not armed:
+            self.no_gpu_since = None
+            if self.nvml_fallback:
+                self.nvml_fallback = False
+                self.last_change = now
+            return
+        if self.no_gpu_since is None:
+            self.no_gpu_since = now
+        elif not self.nvml_fallback and now - self.no_gpu_since >= self.grace:
+            self.nvml_fallback = True
+            key = (self._provider(self.preferred), "no_gpu_memory")  # type: ignore[arg-type]
+            self.errors[key] = self.errors.get(key, 0) + 1
+            self.last_change = now
+
+    # -- outputs -------------------------------------------------------------------------------
+    @property
+    def effective(self) -> str | None:
+        if self.nvml_fallback:
+            return CPU
+        return self.log_effective
+
+    @property
+    def cpu_fallback(self) -> bool:
+        return _is_gpu(self.preferred) and self.effective == CPU
+
+    def facts(self) -> dict[str, Any]:
+        return {"effective_provider": self.effective, "preferred_provider": self.preferred,
+                "models_loaded": len(self.loaded_models())}
+
+    def samples(self) -> list[Sample]:
+        out: list[Sample] = []
+        eff, pref = self.effective, self.preferred
+        seen = list(self.providers_seen)
+        if eff is not None and eff not in seen:
+            seen.append(eff)
+        if eff is not None:
+            out.extend(sample("immich_ml_execution_provider", p == eff, provider=p) for p in seen)
+        if pref is not None:
+            out.extend(sample("immich_ml_preferred_execution_provider", p == pref, provider=p) for p in seen)
+        out.append(sample("immich_ml_cpu_fallback", self.cpu_fallback))
+        out.extend(sample("immich_ml_provider_errors_total", n, provider=p, kind=k)
+                   for (p, k), n in sorted(self.errors.items()))
+        loaded = self.loaded_models()
+        for key in self.models_seen + [k for k in self.model_loads if k not in self.models_seen]:
+            out.append(sample("immich_ml_model_loads_total", self.model_loads.get(key, 0), model_type=key[0],
+                              model_name=key[1]))
+            out.append(sample("immich_ml_model_loaded", key in loaded, model_type=key[0], model_name=key[1]))
+        out.extend(sample("immich_ml_worker_exits_total", n, reason=r) for r, n in sorted(self.exits.items()))
+        out.append(sample("immich_ml_worker_boots_total", self.boots))
+        if self.server_healthy is not None:
+            out.append(sample("immich_ml_server_healthy", self.server_healthy))
+        out.extend(sample("immich_ml_log_entries_total", n, unit=u, level=lv)
+                   for (u, lv), n in sorted(self.entries.items()))
+        out.extend(sample("immich_gpu_exporter_journal_unrecognized_total", n, unit=u)
+                   for u, n in sorted(self.unrecognized.items()))
+        if self.last_change is not None:
+            out.append(sample("immich_ml_last_provider_change_timestamp_seconds", self.last_change))
+        return out
