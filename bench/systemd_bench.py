@@ -60,7 +60,7 @@ def main() -> None:
     a = ap.parse_args()
     base = pathlib.Path(tempfile.mkdtemp(prefix="sdbench-"))
     ns = start_nested_systemd(base, {u: UNIT_TEXT for u in UNITS}, UNITS)
-    node = None
+    node = ours = None
     try:
         ours = Exporter(["--no-collector.nvml", "--no-collector.journal", "--no-collector.immich",
                          "--systemd.interval=60", f"--systemd.cgroup-root={ns.cgroup}",
@@ -95,8 +95,9 @@ def main() -> None:
                 if time.perf_counter() - t > 10:
                     raise TimeoutError("change not seen")
             lat.append(time.perf_counter() - t)
-        ours.stop()
     finally:
+        if ours is not None:
+            ours.stop()
         if node is not None:
             node.terminate()
             node.wait(5)
