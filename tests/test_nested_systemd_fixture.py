@@ -123,12 +123,13 @@ def test_teardown_leaves_no_process_mount_or_cgroup(tmp_path_factory: pytest.Tem
         pids = wait_for(lambda: len(ns.unit_host_pids("hello.service") + ns.unit_host_pids("hardened.service")) == 2
                         and [*ns.unit_host_pids("hello.service"), *ns.unit_host_pids("hardened.service"),
                              ns.pid1, ns.proc.pid], what="both units running")
-        cgroup = ns.cgroup
+        cgroup, supervisor = ns.cgroup, ns.supervisor_cgroup
         assert cgroup.parent == cgroup2_mountpoint()
+        assert (supervisor / "cgroup.procs").read_text().split() == [str(ns.proc.pid)]
     finally:
         stop_nested_systemd(ns)
     assert ns.proc.returncode is not None
     assert not [p for p in pids if pathlib.Path(f"/proc/{p}").exists()], "processes survived teardown"
-    assert not cgroup.exists()
+    assert not cgroup.exists() and not supervisor.exists()
     assert _host_fingerprint(base) == before
     stop_nested_systemd(ns)  # idempotent
