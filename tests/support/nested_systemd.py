@@ -131,6 +131,10 @@ mkdir -p "$BASE"
 mount --bind /run/.pytest-base "$BASE"
 umount /run/.pytest-base
 rmdir /run/.pytest-base
+# wait until the host has moved `unshare` out of our cgroup: then the namespace's cgroup root
+# holds no process but systemd's, and systemd can enable controllers below it (cgroup v2's
+# no-internal-processes rule would refuse that on hosts that delegate controllers here)
+while [ ! -e "$S/go" ]; do sleep 0.005; done
 exec env -i container=pytest PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 SYSTEMD_UNIT_PATH="$U" \
      SYSTEMD_GENERATOR_PATH=/nonexistent SYSTEMD_ENVIRONMENT_GENERATOR_PATH=/nonexistent \
      /lib/systemd/systemd --system --unit="$TARGET" --log-target=journal-or-kmsg --show-status=no
@@ -178,6 +182,22 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:  # kernel without CONFIG_PROC_CHILDREN: scan the parent PIDs
+        out = []
+        for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(stat.parent.name))
+            except (OSError, IndexError, ValueError):
+                pass
+        return sorted(out)
+    except OSError:
+        return []
 
 
 def _cgroup_pids(root: pathlib.Path) -> list[int]:
@@ -255,13 +275,18 @@ class NestedSystemd:
         return self.state / "run/log/journal"
 
     @property
+    def supervisor_cgroup(self) -> pathlib.Path:
+        """Sibling cgroup that holds only `unshare` (outside the namespace's cgroup root)."""
+        return self.cgroup.with_name(self.cgroup.name + "-supervisor")
+
+    @property
     def pid1(self) -> int:
         """Host PID of the nested systemd (the child `unshare` forked)."""
         if self._pid1 is None:
-            children = pathlib.Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            children = _children(self.proc.pid)
             if not children:
                 raise RuntimeError("nested systemd has no PID 1 (unshare has no child)")
-            self._pid1 = int(children[0])
+            self._pid1 = children[0]
         return self._pid1
 
     def host_pid(self, ns_pid: int) -> int | None:
@@ -383,6 +408,13 @@ def start_nested_systemd(base: pathlib.Path, units: dict[str, str], target_wants
     env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=ns.bus_address)
     deadline = time.monotonic() + timeout
     try:
+        while not _children(proc.pid):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("unshare did not start: " + (base / "boot.log").read_text())
+            time.sleep(0.002)
+        ns.supervisor_cgroup.mkdir()
+        (ns.supervisor_cgroup / "cgroup.procs").write_text(str(proc.pid))
+        (state / "go").touch()
         while True:
             if proc.poll() is not None:
                 raise RuntimeError("nested systemd died: " + (base / "boot.log").read_text())
@@ -412,8 +444,9 @@ def stop_nested_systemd(ns: NestedSystemd) -> None:
         except subprocess.TimeoutExpired:
             (ns.cgroup / "cgroup.kill").write_text("1")
             ns.proc.wait(timeout=10)
-    if ns.cgroup.exists():
-        _remove_cgroup(ns.cgroup)
+    for cg in (ns.cgroup, ns.supervisor_cgroup):
+        if cg.exists():
+            _remove_cgroup(cg)
 
 
 def _skip_or_start(factory: pytest.TempPathFactory) -> NestedSystemd:
