@@ -116,12 +116,16 @@ def test_unit_serves_metrics_unprivileged_with_hardening(nested_systemd):
     assert "immich_gpu_exporter_build_info" in metrics
 
     assert ns.unit_property("immich-gpu-exporter.service", "ActiveState") == "active"
-    (pid,) = ns.unit_host_pids("immich-gpu-exporter.service")
-    st = pathlib.Path(f"/proc/{pid}/status").read_text()
-    fields = dict(line.split(":", 1) for line in st.splitlines())
-    assert int(fields["Uid"].split()[0]) == uid and int(fields["Gid"].split()[0]) == uid
-    assert grp.getgrnam("systemd-journal").gr_gid in {int(g) for g in fields["Groups"].split()}
-    assert fields["NoNewPrivs"].strip() == "1" and int(fields["CapEff"], 16) == 0 and fields["Seccomp"].strip() == "2"
+    # every process of the unit (the exporter and the journalctl it follows the journal with)
+    pids = ns.unit_host_pids("immich-gpu-exporter.service")
+    assert pids
+    for pid in pids:
+        st = pathlib.Path(f"/proc/{pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in st.splitlines())
+        assert int(fields["Uid"].split()[0]) == uid and int(fields["Gid"].split()[0]) == uid
+        assert grp.getgrnam("systemd-journal").gr_gid in {int(g) for g in fields["Groups"].split()}
+        assert fields["NoNewPrivs"].strip() == "1" and int(fields["CapEff"], 16) == 0
+        assert fields["Seccomp"].strip() == "2"
     for prop, want in {"DevicePolicy": "closed", "MemoryDenyWriteExecute": "yes", "ProtectSystem": "strict",
                        "User": "immich-gpu-exporter", "PrivateTmp": "yes"}.items():
         assert ns.unit_property("immich-gpu-exporter.service", prop) == want, prop
