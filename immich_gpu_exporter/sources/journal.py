@@ -4,7 +4,7 @@ Owns the I/O around `mllog`: one `journalctl -o json --follow` child process, th
 its persistence. Why journalctl and not a native reader (systemd-python, cysystemd): journalctl always
 matches the host's journal file format (a bundled libsystemd may be older than the files it reads),
 needs no extra dependency, and runs in its own process, so the exporter parses while journalctl
-decodes. It is also the measured bottleneck, not us (bench/RESULTS-journal.md).
+decodes. It is also the measured bottleneck, not us (BENCHMARKS.md).
 
 Persistence (no loss, no double counting): the cursor of the last entry applied, the parser's
 half-joined records and the whole `MLState` (counters included) are written together, atomically, to
