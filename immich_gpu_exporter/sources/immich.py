@@ -170,10 +170,6 @@ class ImmichSource(Source):
                 errors.append(r.reason)
         if not isinstance(ping, BaseException) and not server_up:
             errors.append("bad_json")
-        if server_up:
-            self._logged.discard("server_down")
-        elif isinstance(ping, _Failed):
-            self._once("server_down", logging.WARNING, "Immich server not reachable: %s", ping)
         samples.append(sample("immich_server_up", 1 if server_up else 0))
         samples.append(sample("immich_ml_up", 1 if ml_up else 0))
 
