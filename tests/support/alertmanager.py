@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from .proc import free_port, http_get, wait_for
+from .proc import free_port, http_get, terminate, wait_for
 
 BINARY = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager"
 
@@ -65,13 +65,7 @@ class Alertmanager:
         return json.loads(body)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def __enter__(self) -> "Alertmanager":
         return self.start()

@@ -37,6 +37,18 @@ def wait_for(pred: Callable[[], T], timeout: float = 10.0, interval: float = 0.0
     raise TimeoutError(f"timed out waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
+def terminate(proc: "subprocess.Popen | None", timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; reaps the process."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def exporter_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for a child exporter: this checkout first on sys.path, no stray config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMMICH_GPU_EXPORTER_")}

@@ -22,7 +22,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Mapping, Sequence
 
-from .proc import free_port, http_get, wait_for
+from .proc import free_port, http_get, terminate, wait_for
 
 BINARY = shutil.which("prometheus") or "/usr/bin/prometheus"
 
@@ -99,13 +99,7 @@ class Prometheus:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
 
     def logs(self) -> str:
