@@ -9,6 +9,7 @@ import threading
 import time
 
 from tests.support.exposition import parse, value
+from tests.support.journal import fixture, write_journal
 from tests.support.proc import Exporter, free_port, http_get, run_cli, wait_for
 
 ALL_OFF_BUT_IMMICH = ["--no-collector.nvml", "--no-collector.systemd", "--no-collector.journal"]
@@ -92,9 +93,16 @@ def test_hung_immich_never_blocks_the_scrape():
         hole.close()
 
 
-def test_sigterm_during_a_scrape_exits_0_within_2s():
+def test_sigterm_during_a_scrape_exits_0_within_2s(tmp_path):
+    # every source enabled; the journal source follows a real journal file with a live journalctl
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    write_journal(journal_dir / "system.journal", fixture("cuda_ok.export"))
     port = free_port()
-    ex = Exporter([*ALL_OFF_BUT_IMMICH, f"--immich.url=http://127.0.0.1:{port}"]).start()
+    ex = Exporter([f"--immich.url=http://127.0.0.1:{port}", f"--journal.directory={journal_dir}",
+                   f"--state.directory={tmp_path / 'state'}"]).start()
+    wait_for(lambda: value(ex.metrics(), "immich_gpu_exporter_source_up", source="journal") == 1, 10,
+             what="journal source up")
     stop = threading.Event()
 
     def scrape_loop():
@@ -119,6 +127,7 @@ def test_sigterm_during_a_scrape_exits_0_within_2s():
     half.close()
     assert rc == 0
     assert elapsed < 2.0, f"shutdown took {elapsed:.2f}s"
+    assert (tmp_path / "state").exists() and any((tmp_path / "state").iterdir()), "journal state saved at shutdown"
 
 
 def test_sigint_exits_0():
