@@ -189,7 +189,7 @@ RULES: tuple[Rule, ...] = (
        _error("library_load")),
     _r("not_available", "is not in available provider names",
        r"Specified provider '(?P<provider>\w+)' is not in available provider names", _error("not_available")),
-    _r("cuda_failure", "failure", r"\b(?:CUDA|CUDNN|CUBLAS|CUFFT|CURAND|NCCL) failure -?\d+", _error("cuda_failure", "CUDAExecutionProvider")),
+    _r("cuda_failure", "failure", r"\b(?:CUDA|CU(?:DNN|BLAS|FFT|RAND|SPARSE|SOLVER)\w*|NCCL) failure -?\d+", _error("cuda_failure", "CUDAExecutionProvider")),
     _r("cuda_error", ("CUDA error", "cudaError"), r"\bCUDA error\b|\bcudaError\w+", _error("cuda_failure", "CUDAExecutionProvider")),
     _r("hip_failure", ("failure", "hipError"), r"\b(?:HIP|MIOPEN|ROCBLAS|HIPBLAS|MIGRAPHX) failure -?\d+|\bhipError\w+", _error("cuda_failure")),
     # --- server (immich-server) --------------------------------------------------------------
@@ -209,7 +209,7 @@ BENIGN_PATTERNS: tuple[str, ...] = (
     r"^Waiting for application (?:startup|shutdown)", r"^Application (?:startup|shutdown) complete", r"^Shutting down$",
     r"^Finished server process", r"^Control socket", r"^\d+\.\d+\.\d+\.\d+:\d+ - \"", r"^\[?[\w:.]*\]?:?\d* - \"",
     r"^Traceback \(most recent call last\)", r"^File \"", r"^\s", r"^[╭╰│]", r"^\w+(?:\.\w+)*(?:Error|Exception|Fail|Warning): ",
-    r"^warnings\.warn", r"^\[OpenVINO-EP\]", r"^MIGraphX", r"^The above exception", r"^During handling of the above",
+    r"^warnings\.warn", r"^\S+\.py:\d+: \w*Warning: ", r"^\[OpenVINO-EP\]", r"^MIGraphX", r"^The above exception", r"^During handling of the above",
     r"^\[Nest\] ", r"^$",
 )
 _BENIGN = re.compile("|".join(f"(?:{p})" for p in BENIGN_PATTERNS))  # one search instead of ~45
