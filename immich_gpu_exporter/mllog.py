@@ -38,6 +38,7 @@ MAX_UNITS = 16
 MAX_WORKERS = 64  # worker records kept (live ones plus recently exited, for exit de-duplication)
 MAX_RECORD_LINES = 200  # a longer Rich record (a huge traceback) is cut; the rest is still "continuation"
 MAX_EP_BLOCK_LINES = 60
+LATE_RECORD_S = 300.0  # see MLState._set_effective
 OTHER = "other"
 
 
@@ -268,11 +269,15 @@ class Parser:
     def feed(self, entry: Mapping[str, Any]) -> list[Event]:
         out: list[Event] = []
         container = entry.get("CONTAINER_NAME")
-        if container:
+        unit = entry.get("_SYSTEMD_UNIT")
+        if unit in self.server_units:
+            # podman under quadlet adds CONTAINER_NAME ("systemd-<unit>") to the unit's own entries
+            group, pid, server = unit, "", True
+        elif container:
             group, pid = container if type(container) is str else message_text(container), ""
             server = group in self.server_containers
         else:
-            group = entry.get("_SYSTEMD_UNIT") or entry.get("SYSLOG_IDENTIFIER") or "unknown"
+            group = unit or entry.get("SYSLOG_IDENTIFIER") or "unknown"
             if type(group) is not str:
                 group = message_text(group)
             pid = entry.get("_PID") or ""
@@ -487,12 +492,13 @@ class MLState:
         self.current: dict[str, str] = {}  # group -> pid of the worker that booted last (containers)
         self.server_healthy: bool | None = None
         self.last_change: float | None = None
+        self.last_provider_time: float | None = None  # journal time of the latest provider event applied
         self.no_gpu_since: float | None = None
         self.nvml_fallback = False
 
     # -- persistence ---------------------------------------------------------------------------
     _PERSIST = ("boots", "providers_seen", "units_seen", "preferred", "log_effective", "workers", "current",
-                "server_healthy", "last_change")
+                "server_healthy", "last_change", "last_provider_time")
 
     def dump(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self._PERSIST}
@@ -543,7 +549,7 @@ class MLState:
     # -- workers -------------------------------------------------------------------------------
     def _worker(self, ev: Event, pid: str | None = None, create: bool = True) -> dict[str, Any] | None:
         if pid is None:
-            pid = ev.pid or self.current.get(ev.group, "")
+            pid = self.current.get(ev.group, ev.pid) if ev.group in self.current else ev.pid
         key = f"{ev.group}\x00{pid}"
         w = self.workers.get(key)
         if w is None and create:
@@ -562,6 +568,16 @@ class MLState:
             w["effective"] = CPU
 
     def _set_effective(self, p: str | None, ts: Any) -> None:
+        # Rule 4 "logged last" is journal time: a wrapped record of one worker is completed (and its
+        # event applied) only at its stream's next line or at quiet, possibly after another worker's
+        # later lines; such a late record updates its own worker but not the exporter's choice.
+        # Only a few minutes back counts as "late": a clock stepped backwards (no RTC) must not freeze it.
+        t = event_time(ts)
+        if t is not None:
+            last = self.last_provider_time
+            if last is not None and 0 < last - t < LATE_RECORD_S:
+                return
+            self.last_provider_time = t
         if p is not None and p != self.log_effective:
             self.log_effective = p
             self.last_change = event_time(ts) or self.last_change
@@ -618,7 +634,9 @@ class MLState:
             self._exit(w, "inactivity")
         elif k == "worker_boot":
             self.boots += 1
-            if ev.pid == "":  # container: later lines carry no usable _PID, they belong to this one
+            if ev.pid != ev.a or ev.group in self.current:
+                # rule 1: the _PID does not name the worker (container; systemd < 244 gives every line of
+                # the unit the main PID): later lines belong to the worker that booted last
                 self.current[ev.group] = ev.a
             self.workers.pop(f"{ev.group}\x00{ev.a}", None)
             self._worker(ev, pid=ev.a)

@@ -494,3 +494,118 @@ def test_real_rich_traceback_with_ansi_and_blank_line_keeps_one_record():
     assert s.errors == {(CUDA, "library_load"): 1}
     assert s.entries == {(U, "error"): len(lines)}
     assert s.unrecognized == {}
+
+
+# ==================================================================================================
+# Worker lifecycle as hosts really attribute it
+# ==================================================================================================
+
+def idle_cycle(worker_pid, ts="[07/30/26 12:00:00]"):
+    """One worker's life in v1.107+ (immich main.py + uvicorn + gunicorn lines, as in #21910/#13679)."""
+    return [f"{ts} INFO     Booting worker with pid: {worker_pid}",
+            f"{ts} INFO     Started server process [{worker_pid}]",
+            f"{ts} INFO     Waiting for application startup.",
+            f"{ts} INFO     Created in-memory cache with unloading after 300s", C29 + "of inactivity.",
+            f"{ts} INFO     Application startup complete.",
+            f"{ts} INFO     Loading visual model 'ViT-B-32__openai' to memory",
+            *providers_line([CUDA, CPU], ts=ts),
+            f"{ts} INFO     Shutting down due to inactivity.",
+            f"{ts} INFO     Shutting down",
+            f"{ts} INFO     Waiting for application shutdown.",
+            f"{ts} INFO     Application shutdown complete.",
+            f"{ts} INFO     Finished server process [{worker_pid}]",
+            f"{ts} INFO     Worker exiting (pid: {worker_pid})"]
+
+
+def test_docker_idle_cycles_count_every_exit_and_reload():
+    s = run([docker(x) for x in idle_cycle(8) + idle_cycle(31) + idle_cycle(54)[:-6]])
+    assert s.exits == {"inactivity": 2}
+    assert s.boots == 3
+    assert s.loaded_models() == {("visual", "ViT-B-32__openai")}
+    assert s.unrecognized == {}
+
+
+def test_systemd_idle_cycles_with_per_worker_pid():
+    # systemd >= 244 attributes stdout lines to the writing process (SCM_CREDENTIALS): _PID = worker
+    s = run([ml(x, pid=p) for p in (101, 102) for x in idle_cycle(p)] + [ml(x, pid=103) for x in idle_cycle(103)[:-6]])
+    assert s.exits == {"inactivity": 2}
+    assert s.loaded_models() == {("visual", "ViT-B-32__openai")}
+
+
+def test_systemd_before_244_gives_every_line_the_main_pid():
+    # systemd < 244 (and RHEL 8 before its backport) keeps the credentials of the process that connected
+    # the stream (systemd/systemd #13708, PR #13771): every worker's line carries the arbiter's _PID.
+    # A broken first worker must not make later healthy workers look broken, and every idle exit counts.
+    first = idle_cycle(101)
+    first.insert(first.index(f"[07/30/26 12:00:00] INFO     Shutting down due to inactivity."),
+                 CREATE_FAILED_TRT.replace("Tensorrt", "CUDA"))
+    s = run([ml(x, pid=100) for x in first])
+    assert (s.effective, s.cpu_fallback) == (CPU, True)
+    s = run([ml(x, pid=100) for x in idle_cycle(102) + idle_cycle(103)[:-6]], state=s)
+    assert s.exits == {"inactivity": 2}
+    assert (s.effective, s.cpu_fallback) == (CUDA, False)
+    assert s.loaded_models() == {("visual", "ViT-B-32__openai")}
+
+
+def test_two_workers_on_systemd_are_tracked_apart():
+    # MACHINE_LEARNING_WORKERS=2 with MACHINE_LEARNING_DEVICE_IDS=0,1: worker 201 cannot create CUDA,
+    # worker 202 can. Rule 4: the worker that logged last decides (docs/journal.md, Limits), but the
+    # failure is counted and the broken worker's state does not leak into the healthy one.
+    boot = "[07/30/26 12:00:00] INFO     Booting worker with pid: {}"
+    t = 1_785_000_000_000_000
+    # 202's wrapped record stays pending until the journal goes quiet (flush), after 201's later lines
+    s = run([ml(boot.format(201), pid=201, ts=t), ml(boot.format(202), pid=202, ts=t + 1),
+             *[ml(x, pid=202, ts=t + 2) for x in providers_line([CUDA, CPU])],
+             *[ml(x, pid=201, ts=t + 3) for x in providers_line([CUDA, CPU])],
+             ml(CREATE_FAILED_TRT.replace("Tensorrt", "CUDA"), pid=201, ts=t + 4)])
+    assert (s.preferred, s.effective, s.cpu_fallback) == (CUDA, CPU, True)
+    assert s.errors == {(CUDA, "create_failed"): 1}
+    s = run([ml(x, pid=202, ts=t + 5) for x in providers_line([CUDA, CPU])], state=s)
+    assert (s.effective, s.cpu_fallback) == (CUDA, False)
+    # the broken worker times out and is replaced by a healthy one: no fallback any more
+    s = run([ml("[07/30/26 12:10:00] CRITICAL WORKER TIMEOUT (pid:201)", pid=200, ts=t + 6),
+             ml("[07/30/26 12:10:00] ERROR    Worker (pid:201) exited with code 1.", pid=200, ts=t + 7),
+             ml("[07/30/26 12:10:01] INFO     Booting worker with pid: 203", pid=203, ts=t + 8),
+             *[ml(x, pid=203, ts=t + 9) for x in providers_line([CUDA, CPU])]], state=s)
+    assert (s.effective, s.cpu_fallback) == (CUDA, False)
+    assert s.exits == {"timeout": 1}
+
+
+def test_docker_two_workers_interleaving():
+    # MACHINE_LEARNING_WORKERS=2 on Docker: both workers' lines carry dockerd's _PID; Rich writes each
+    # record in one write() below PIPE_BUF, so records do not interleave inside themselves
+    lines = ["[07/30/26 12:00:00] INFO     Booting worker with pid: 8",
+             "[07/30/26 12:00:00] INFO     Booting worker with pid: 9",
+             "[07/30/26 12:00:05] INFO     Loading visual model 'ViT-B-32__openai' to memory",
+             *providers_line([CUDA, CPU]),
+             "[07/30/26 12:00:05] INFO     Loading textual model 'ViT-B-32__openai' to memory",
+             *providers_line([CUDA, CPU])]
+    s = run([docker(x) for x in lines])
+    assert (s.preferred, s.effective, s.cpu_fallback) == (CUDA, CUDA, False)
+    assert s.boots == 2
+    assert len(s.loaded_models()) == 2
+
+
+def test_podman_quadlet_units_carry_container_names():
+    # podman's journald log driver (conmon) adds CONTAINER_NAME; under quadlet the entries also carry the
+    # unit, and the default container name is "systemd-<unit name>". The server unit stays the server.
+    srv = {"_SYSTEMD_UNIT": SRV, "_PID": "3100", "CONTAINER_NAME": "systemd-immich-server",
+           "SYSLOG_IDENTIFIER": "systemd-immich-server"}
+    mlu = {"_PID": "3000", "CONTAINER_NAME": "systemd-immich-machine-learning"}
+    s = run([ml("[Nest] 7  - 07/30/2026, 3:00:31 PM     LOG [Microservices:MachineLearningRepository] Machine "
+                "learning server became unhealthy (http://immich-machine-learning:3003).", **srv),
+             *[ml(x, **mlu) for x in providers_line([CUDA, CPU])]])
+    assert s.server_healthy is False
+    assert s.entries[(SRV, "info")] == 1
+    assert s.preferred == CUDA
+    assert s.unrecognized == {}
+
+
+def test_a_clock_stepped_back_does_not_freeze_the_provider():
+    # a host without RTC boots with a clock hours behind the last persisted entry
+    t = 1_785_000_000_000_000
+    s = run([ml(x, ts=t) for x in providers_line([CUDA, CPU])])
+    s = run([ml(x, pid=77, ts=t - 6 * 3600 * 10**6) for x in ["[01/01/70 00:00:10] INFO     Starting gunicorn 23.0.0",
+                                                              *providers_line([CUDA, CPU], ts="[01/01/70 00:00:11]"),
+                                                              CREATE_FAILED_TRT.replace("Tensorrt", "CUDA")]], state=s)
+    assert (s.effective, s.cpu_fallback) == (CPU, True)
