@@ -71,17 +71,27 @@ _PRIORITY = {"0": "critical", "1": "critical", "2": "critical", "3": "error", "4
 
 def message_text(value: Any) -> str:
     """MESSAGE as journalctl -o json gives it: a string, a list of byte values (binary or non-UTF-8
-    field), or null (field too large for journalctl's JSON output)."""
+    field, e.g. any line with an ANSI escape), null (field too large without --all), or a list of
+    such values when the entry has the field more than once (joined by newlines)."""
     if value is None:
         return ""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
+        if value and not isinstance(value[0], int):
+            return "\n".join(message_text(v) for v in value)
         try:
             return bytes(value).decode("utf-8", "replace")
         except (TypeError, ValueError):
             return ""
     return str(value)
+
+
+def field_text(value: Any) -> str:
+    """An identifier field (_SYSTEMD_UNIT, CONTAINER_NAME, _PID): repeated ones count by their first value."""
+    if isinstance(value, list) and value and not isinstance(value[0], int):
+        value = value[0]
+    return value if type(value) is str else message_text(value)
 
 
 def strip_ansi(s: str) -> str:
@@ -270,19 +280,21 @@ class Parser:
         out: list[Event] = []
         container = entry.get("CONTAINER_NAME")
         unit = entry.get("_SYSTEMD_UNIT")
+        if unit is not None and type(unit) is not str:
+            unit = field_text(unit)
         if unit in self.server_units:
             # podman under quadlet adds CONTAINER_NAME ("systemd-<unit>") to the unit's own entries
             group, pid, server = unit, "", True
         elif container:
-            group, pid = container if type(container) is str else message_text(container), ""
+            group, pid = container if type(container) is str else field_text(container), ""
             server = group in self.server_containers
         else:
             group = unit or entry.get("SYSLOG_IDENTIFIER") or "unknown"
             if type(group) is not str:
-                group = message_text(group)
+                group = field_text(group)
             pid = entry.get("_PID") or ""
             if type(pid) is not str:
-                pid = str(pid)
+                pid = field_text(pid) if isinstance(pid, list) else str(pid)
             server = group in self.server_units
         ts = entry.get("__REALTIME_TIMESTAMP") or 0  # microseconds; converted only where used (event_time)
         text = entry.get("MESSAGE")

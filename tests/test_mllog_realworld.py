@@ -609,3 +609,78 @@ def test_a_clock_stepped_back_does_not_freeze_the_provider():
                                                               *providers_line([CUDA, CPU], ts="[01/01/70 00:00:11]"),
                                                               CREATE_FAILED_TRT.replace("Tensorrt", "CUDA")]], state=s)
     assert (s.effective, s.cpu_fallback) == (CPU, True)
+
+
+# ==================================================================================================
+# journalctl's JSON as real hosts produce it (sources/journal.py helpers and Parser.feed)
+# ==================================================================================================
+
+def test_repeated_fields_come_as_lists():
+    # journalctl -o json: a field present several times in one entry is an array of its values
+    # (each a string or a byte array)
+    e = ml(["[07/30/26 12:00:00] INFO     Booting worker with pid: 9", list(b"second")], pid=9)
+    e["_SYSTEMD_UNIT"] = [U, "session-1.scope"]
+    e["_PID"] = ["9", "10"]
+    s = run([e])
+    assert s.boots == 1
+    assert (U, "info") in s.entries
+
+
+def test_backfill_start_is_found_in_ansi_byte_array_messages():
+    from immich_gpu_exporter.sources.journal import ml_start_index
+    window = [as_bytes(docker(rich_ansi(x))) for x in I21910[:1] + I21910 + I21910[4:]]
+    assert ml_start_index(window, lambda e: True) == len(I21910[:1])
+
+
+def test_podman_server_unit_is_not_ml_for_the_backfill():
+    from immich_gpu_exporter.sources.journal import JournalSource
+    src = JournalSource.__new__(JournalSource)
+    src.server_units, src.server_containers = (SRV,), ("immich_server",)
+    assert not src._is_ml({"_SYSTEMD_UNIT": SRV, "CONTAINER_NAME": "systemd-immich-server"})
+    assert not src._is_ml({"_SYSTEMD_UNIT": "docker.service", "CONTAINER_NAME": "immich_server"})
+    assert src._is_ml({"_SYSTEMD_UNIT": U, "CONTAINER_NAME": "systemd-immich-machine-learning"})
+    assert src._is_ml({"_SYSTEMD_UNIT": U})
+
+
+def test_journal_files_readable_only_as_own_user_journal_is_permission_denied(tmp_path):
+    # An exporter without the systemd-journal group (e.g. DynamicUser) can read its own
+    # user-<uid>.journal but not system.journal: journalctl would follow silently and see nothing.
+    import os
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="qa-journal-")
+    try:
+        os.chmod(root, 0o755)
+        mid = os.path.join(root, "0123456789abcdef0123456789abcdef")
+        os.mkdir(mid, 0o755)
+        for name, mode in (("system.journal", 0o640), ("user-65534.journal", 0o644)):
+            with open(os.path.join(mid, name), "w"):
+                pass
+            os.chmod(os.path.join(mid, name), mode)
+        os.mkdir(os.path.join(root, "0123456789abcdef0123456789abcdef.immich"), 0o755)  # a namespace
+        from immich_gpu_exporter.sources import journal as j
+
+        def as_nobody():
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child: drop to nobody, look where journalctl looks, report, leave at once
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    j.SYSTEM_JOURNAL_DIRS = (root,)
+                    d = j.find_journal_files(None)
+                    os.write(w, (d.reason if d else "ok").encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            out = os.read(r, 100).decode()
+            os.close(r)
+            os.waitpid(pid, 0)
+            return out
+
+        assert as_nobody() == "permission_denied"
+        os.chmod(os.path.join(mid, "system.journal"), 0o644)
+        assert as_nobody() == "ok"
+    finally:
+        import shutil
+        shutil.rmtree(root)
