@@ -38,6 +38,7 @@ MAX_UNITS = 16
 MAX_WORKERS = 64  # worker records kept (live ones plus recently exited, for exit de-duplication)
 MAX_RECORD_LINES = 200  # a longer Rich record (a huge traceback) is cut; the rest is still "continuation"
 MAX_EP_BLOCK_LINES = 60
+LATE_RECORD_S = 300.0  # see MLState._set_effective
 OTHER = "other"
 
 
@@ -70,17 +71,27 @@ _PRIORITY = {"0": "critical", "1": "critical", "2": "critical", "3": "error", "4
 
 def message_text(value: Any) -> str:
     """MESSAGE as journalctl -o json gives it: a string, a list of byte values (binary or non-UTF-8
-    field), or null (field too large for journalctl's JSON output)."""
+    field, e.g. any line with an ANSI escape), null (field too large without --all), or a list of
+    such values when the entry has the field more than once (joined by newlines)."""
     if value is None:
         return ""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
+        if value and not isinstance(value[0], int):
+            return "\n".join(message_text(v) for v in value)
         try:
             return bytes(value).decode("utf-8", "replace")
         except (TypeError, ValueError):
             return ""
     return str(value)
+
+
+def field_text(value: Any) -> str:
+    """An identifier field (_SYSTEMD_UNIT, CONTAINER_NAME, _PID): repeated ones count by their first value."""
+    if isinstance(value, list) and value and not isinstance(value[0], int):
+        value = value[0]
+    return value if type(value) is str else message_text(value)
 
 
 def strip_ansi(s: str) -> str:
@@ -189,7 +200,7 @@ RULES: tuple[Rule, ...] = (
        _error("library_load")),
     _r("not_available", "is not in available provider names",
        r"Specified provider '(?P<provider>\w+)' is not in available provider names", _error("not_available")),
-    _r("cuda_failure", "failure", r"\b(?:CUDA|CUDNN|CUBLAS|CUFFT|CURAND|NCCL) failure -?\d+", _error("cuda_failure", "CUDAExecutionProvider")),
+    _r("cuda_failure", "failure", r"\b(?:CUDA|CU(?:DNN|BLAS|FFT|RAND|SPARSE|SOLVER)\w*|NCCL) failure -?\d+", _error("cuda_failure", "CUDAExecutionProvider")),
     _r("cuda_error", ("CUDA error", "cudaError"), r"\bCUDA error\b|\bcudaError\w+", _error("cuda_failure", "CUDAExecutionProvider")),
     _r("hip_failure", ("failure", "hipError"), r"\b(?:HIP|MIOPEN|ROCBLAS|HIPBLAS|MIGRAPHX) failure -?\d+|\bhipError\w+", _error("cuda_failure")),
     # --- server (immich-server) --------------------------------------------------------------
@@ -209,7 +220,7 @@ BENIGN_PATTERNS: tuple[str, ...] = (
     r"^Waiting for application (?:startup|shutdown)", r"^Application (?:startup|shutdown) complete", r"^Shutting down$",
     r"^Finished server process", r"^Control socket", r"^\d+\.\d+\.\d+\.\d+:\d+ - \"", r"^\[?[\w:.]*\]?:?\d* - \"",
     r"^Traceback \(most recent call last\)", r"^File \"", r"^\s", r"^[╭╰│]", r"^\w+(?:\.\w+)*(?:Error|Exception|Fail|Warning): ",
-    r"^warnings\.warn", r"^\[OpenVINO-EP\]", r"^MIGraphX", r"^The above exception", r"^During handling of the above",
+    r"^warnings\.warn", r"^\S+\.py:\d+: \w*Warning: ", r"^\[OpenVINO-EP\]", r"^MIGraphX", r"^The above exception", r"^During handling of the above",
     r"^\[Nest\] ", r"^$",
 )
 _BENIGN = re.compile("|".join(f"(?:{p})" for p in BENIGN_PATTERNS))  # one search instead of ~45
@@ -268,16 +279,22 @@ class Parser:
     def feed(self, entry: Mapping[str, Any]) -> list[Event]:
         out: list[Event] = []
         container = entry.get("CONTAINER_NAME")
-        if container:
-            group, pid = container if type(container) is str else message_text(container), ""
+        unit = entry.get("_SYSTEMD_UNIT")
+        if unit is not None and type(unit) is not str:
+            unit = field_text(unit)
+        if unit in self.server_units:
+            # podman under quadlet adds CONTAINER_NAME ("systemd-<unit>") to the unit's own entries
+            group, pid, server = unit, "", True
+        elif container:
+            group, pid = container if type(container) is str else field_text(container), ""
             server = group in self.server_containers
         else:
-            group = entry.get("_SYSTEMD_UNIT") or entry.get("SYSLOG_IDENTIFIER") or "unknown"
+            group = unit or entry.get("SYSLOG_IDENTIFIER") or "unknown"
             if type(group) is not str:
-                group = message_text(group)
+                group = field_text(group)
             pid = entry.get("_PID") or ""
             if type(pid) is not str:
-                pid = str(pid)
+                pid = field_text(pid) if isinstance(pid, list) else str(pid)
             server = group in self.server_units
         ts = entry.get("__REALTIME_TIMESTAMP") or 0  # microseconds; converted only where used (event_time)
         text = entry.get("MESSAGE")
@@ -487,12 +504,13 @@ class MLState:
         self.current: dict[str, str] = {}  # group -> pid of the worker that booted last (containers)
         self.server_healthy: bool | None = None
         self.last_change: float | None = None
+        self.last_provider_time: float | None = None  # journal time of the latest provider event applied
         self.no_gpu_since: float | None = None
         self.nvml_fallback = False
 
     # -- persistence ---------------------------------------------------------------------------
     _PERSIST = ("boots", "providers_seen", "units_seen", "preferred", "log_effective", "workers", "current",
-                "server_healthy", "last_change")
+                "server_healthy", "last_change", "last_provider_time")
 
     def dump(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self._PERSIST}
@@ -543,7 +561,7 @@ class MLState:
     # -- workers -------------------------------------------------------------------------------
     def _worker(self, ev: Event, pid: str | None = None, create: bool = True) -> dict[str, Any] | None:
         if pid is None:
-            pid = ev.pid or self.current.get(ev.group, "")
+            pid = self.current.get(ev.group, ev.pid) if ev.group in self.current else ev.pid
         key = f"{ev.group}\x00{pid}"
         w = self.workers.get(key)
         if w is None and create:
@@ -562,6 +580,16 @@ class MLState:
             w["effective"] = CPU
 
     def _set_effective(self, p: str | None, ts: Any) -> None:
+        # Rule 4 "logged last" is journal time: a wrapped record of one worker is completed (and its
+        # event applied) only at its stream's next line or at quiet, possibly after another worker's
+        # later lines; such a late record updates its own worker but not the exporter's choice.
+        # Only a few minutes back counts as "late": a clock stepped backwards (no RTC) must not freeze it.
+        t = event_time(ts)
+        if t is not None:
+            last = self.last_provider_time
+            if last is not None and 0 < last - t < LATE_RECORD_S:
+                return
+            self.last_provider_time = t
         if p is not None and p != self.log_effective:
             self.log_effective = p
             self.last_change = event_time(ts) or self.last_change
@@ -618,7 +646,9 @@ class MLState:
             self._exit(w, "inactivity")
         elif k == "worker_boot":
             self.boots += 1
-            if ev.pid == "":  # container: later lines carry no usable _PID, they belong to this one
+            if ev.pid != ev.a or ev.group in self.current:
+                # rule 1: the _PID does not name the worker (container; systemd < 244 gives every line of
+                # the unit the main PID): later lines belong to the worker that booted last
                 self.current[ev.group] = ev.a
             self.workers.pop(f"{ev.group}\x00{ev.a}", None)
             self._worker(ev, pid=ev.a)

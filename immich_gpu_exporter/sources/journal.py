@@ -33,7 +33,7 @@ import time
 from typing import Any, Callable
 
 from ..core import CollectResult, SourceDown
-from ..mllog import MLState, Parser
+from ..mllog import MLState, Parser, field_text, message_text, strip_ansi
 from .base import Source
 
 log = logging.getLogger("immich_gpu_exporter.journal")
@@ -96,22 +96,31 @@ def find_journal_files(directory: str | None) -> SourceDown | None:
 
     journalctl itself is silent about an empty journal once matches are given, so look first."""
     roots = (directory,) if directory else SYSTEM_JOURNAL_DIRS
-    found = readable = 0
+    found = readable = system_found = system_readable = 0
     for root in roots:
         if not os.path.isdir(root):
             continue
         for dirpath, dirnames, filenames in os.walk(root):
             if dirpath.count(os.sep) - root.count(os.sep) >= 2:
                 dirnames[:] = []
+            if dirpath != root and "." in os.path.basename(dirpath):
+                dirnames[:] = []
+                continue  # <machine-id>.<namespace>: journalctl reads it only with --namespace (or -D)
             for fn in filenames:
                 if fn.endswith((".journal", ".journal~")):
+                    ok = os.access(os.path.join(dirpath, fn), os.R_OK)
                     found += 1
-                    readable += os.access(os.path.join(dirpath, fn), os.R_OK)
+                    readable += ok
+                    if fn.startswith("system"):
+                        system_found += 1
+                        system_readable += ok
     if not found:
         where = directory or " or ".join(SYSTEM_JOURNAL_DIRS)
         return SourceDown("no_journal", f"no journal files in {where}")
-    if not readable:
-        return SourceDown("permission_denied", "journal files are not readable (add the systemd-journal group)")
+    if not readable or (not directory and system_found and not system_readable):
+        # Without the systemd-journal group an unprivileged (or DynamicUser) exporter may still read
+        # its own user-<uid>.journal; journalctl then follows that silently and never sees the ML unit.
+        return SourceDown("permission_denied", "the system journal is not readable (add the systemd-journal group)")
     return None
 
 
@@ -123,8 +132,12 @@ def ml_start_index(entries: list[dict[str, Any]], ml_groups: Callable[[dict[str,
     """Index of the ML unit's last start in a backfill window (0 if it is not in the window)."""
     for i in range(len(entries) - 1, -1, -1):
         e = entries[i]
-        msg = e.get("MESSAGE")
-        if isinstance(msg, str) and ml_groups(e) and any(m in msg for m in START_MARKERS):
+        if not ml_groups(e):
+            continue
+        # Immich's Rich handler writes ANSI codes even off a terminal, and journalctl prints such a
+        # MESSAGE as an array of bytes: decode before looking for the start line
+        msg = strip_ansi(message_text(e.get("MESSAGE")))
+        if any(m in msg for m in START_MARKERS):
             return i
     return 0
 
@@ -335,10 +348,13 @@ class JournalSource(Source):
         return rc, b"".join(err_parts).decode(errors="replace")
 
     def _is_ml(self, e: dict[str, Any]) -> bool:
+        # same attribution as mllog.Parser.feed: a server unit wins over a (podman quadlet) container name
+        if field_text(e.get("_SYSTEMD_UNIT")) in self.server_units:
+            return False
         c = e.get("CONTAINER_NAME")
         if c:
-            return c not in self.server_containers
-        return e.get("_SYSTEMD_UNIT") not in self.server_units
+            return field_text(c) not in self.server_containers
+        return True
 
     async def backfill(self) -> tuple[int, str]:
         """Read the last `journal.backfill-entries` entries, apply those since the ML unit's last start."""
