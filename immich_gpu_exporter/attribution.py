@@ -29,11 +29,21 @@ UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap", ".target", 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # systemd-driver container scopes: docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope,
 # libpod-<id>.scope (podman); the conmon scopes of CRI-O/podman are monitors, not containers.
-_SCOPE = re.compile(r"^(docker|cri-containerd|crio|libpod|containerd|nerdctl)-([0-9a-f]{64})\.scope$")
-_CONMON = re.compile(r"^(crio|libpod)-conmon-[0-9a-f]{64}\.scope$")
+# Without ".scope" the same names are what CRI-O and others use under a cgroupfs-driver pod
+# (/kubepods/<qos>/pod<uid>/crio-<id>).
+_SCOPE = re.compile(r"^(docker|cri-containerd|crio|libpod|containerd|nerdctl)-([0-9a-f]{64})(?:\.scope)?$")
+_CONMON = re.compile(r"^(crio|libpod)-conmon-[0-9a-f]{64}(?:\.scope)?$")
+# podman --cgroups=split (the default of Quadlet units): the container is a child of its unit,
+# /system.slice/<unit>.service/libpod-payload-<id>, so the unit stays a label too.
+_PAYLOAD = re.compile(r"^libpod-payload-([0-9a-f]{64})$")
+# runc's systemd-driver spelling "slice:prefix:id" taken literally as a directory name by a
+# runtime on the cgroupfs driver (seen with containerd on cgroup v1 hosts).
+_COLON = re.compile(r"^([^:/]+\.slice):([a-z-]+):([0-9a-f]{64})$")
 # cgroupfs-driver parents whose child segment is the container id.
 _CGROUPFS_PARENTS = {"docker": "docker", "libpod_parent": "libpod", "lxc.payload": "lxc"}
-_POD_SLICE = re.compile(r"^kubepods(?:-[a-z]+)?-pod([0-9a-f_]{36})\.slice$")
+# kubelet's pod slice; kind and other nested kubelets prefix it ("kubelet-kubepods-...").
+_POD_SLICE = re.compile(r"^(?:[a-z0-9]+-)*kubepods(?:-[a-z]+)?-pod([0-9a-f_]{36})\.slice$")
+_USER_MANAGER = re.compile(r"^user@\d+\.service$")
 _POD_DIR = re.compile(r"^pod([0-9a-f-]{36})$")
 
 OTHER = "other"
@@ -68,7 +78,10 @@ class Placement:
 
 
 def _segments(path: str) -> list[str]:
-    # A reader in a private cgroup namespace sees "/../.." prefixes; they carry nothing.
+    # A reader in a private cgroup namespace sees "/../.." prefixes; they carry nothing. On
+    # cgroup v2 the kernel appends " (deleted)" when the cgroup was removed under a process
+    # (a container torn down while a worker lingers).
+    path = path.removesuffix(" (deleted)")
     return [s for s in path.split("/") if s and s not in ("..", ".")]
 
 
@@ -77,6 +90,7 @@ def placement(path: str, hierarchy: str = "") -> Placement:
     segs = _segments(path)
     unit = container = runtime = pod = ""
     unit_at = container_at = -1
+    keep_unit = False
     for i, seg in enumerate(segs):
         m = _POD_SLICE.match(seg)
         if m:
@@ -92,6 +106,17 @@ def placement(path: str, hierarchy: str = "") -> Placement:
         m = _SCOPE.match(seg)
         if m:
             runtime, container = m.group(1), m.group(2)
+            break
+        m = _COLON.match(seg)
+        if m:
+            slice_ = _POD_SLICE.match(m.group(1))
+            if slice_:
+                pod = slice_.group(1).replace("_", "-")
+            runtime, container = m.group(2), m.group(3)
+            break
+        m = _PAYLOAD.match(seg)
+        if m:
+            runtime, container, keep_unit = "libpod", m.group(1), True
             break
         if _CONMON.match(seg):
             continue
@@ -109,7 +134,9 @@ def placement(path: str, hierarchy: str = "") -> Placement:
             unit, unit_at = seg, i
     owner = -1
     if container:
-        unit, owner = "", container_at
+        owner = container_at
+        if not keep_unit or _USER_MANAGER.match(unit):
+            unit = ""
     elif pod:
         unit = ""
     elif unit:

@@ -179,7 +179,20 @@ def decode_ping(body: Any) -> bool:
     return isinstance(body, Mapping) and body.get("res") == "pong"
 
 
+def decode_ml_ping(text: str) -> bool:
+    """The ML service's `GET /ping`: `pong` as text/plain (immich_ml), or the JSON string
+    `"pong"` of the older `app.main` (a FastAPI route with a pydantic root model)."""
+    text = text.strip()
+    return text == "pong" or text == '"pong"'
+
+
 # --- endpoint choice and permissions ----------------------------------------------------------
+
+# Unauthenticated server endpoints (ping, version, features) live under /api/server since v1.113;
+# before, the same endpoints with the same answers were under /api/server-info.
+SERVER_BASE = "/api/server"
+LEGACY_SERVER_BASE = "/api/server-info"
+
 
 QUEUES_PATH = "/api/queues"
 LEGACY_PATH = "/api/jobs"
@@ -221,7 +234,7 @@ JOB_QUEUES: Mapping[str, str] = {
                      "generate_thumbnails", "queue_generate_thumbnails", "generate_person_thumbnail",
                      "generate_preview", "generate_thumbnail", "generate_thumbhash"), "thumbnailGeneration"),
     **dict.fromkeys(("asset_extract_metadata", "asset_extract_metadata_queue_all", "metadata_extraction",
-                     "queue_metadata_extraction"), "metadataExtraction"),
+                     "queue_metadata_extraction", "link_live_photos"), "metadataExtraction"),
     **dict.fromkeys(("asset_detect_duplicates", "asset_detect_duplicates_queue_all", "duplicate_detection",
                      "queue_duplicate_detection"), "duplicateDetection"),
     **dict.fromkeys(("sidecar_queue_all", "sidecar_check", "sidecar_write", "queue_sidecar", "sidecar_discovery",
@@ -244,9 +257,12 @@ def job_queue(job: str) -> str | None:
     return q
 
 
-_TELEMETRY_LINE = re.compile(
-    r"^immich_jobs_(?P<job>[a-z0-9_]+?)_(?P<status>success|failed|skipped)_total"
-    r"(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)(?:\s+\S+)?$")
+# A job counter's sample line. Other `immich_jobs_*` families exist (a job-duration histogram,
+# `immich_jobs_duration_{bucket,sum,count}{job_name=...}`, in newer servers): they do not match
+# and are ignored, not counted as malformed. `_total` is optional: exporters that follow the
+# older Prometheus conventions leave it off.
+_TELEMETRY_NAME = re.compile(r"^immich_jobs_(?P<job>[a-z0-9_]+?)_(?P<status>success|failed|skipped)(?:_total)?(?=[{\s])")
+_TELEMETRY_REST = re.compile(r"^(?:\{(?P<labels>(?:[^\"}]|\"(?:[^\"\\]|\\.)*\")*)\})?\s+(?P<value>\S+)(?:\s+\S+)?$")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -284,9 +300,10 @@ def parse_telemetry(text: str) -> Telemetry:
         if not line or line.startswith("#"):
             continue
         series += 1
-        if not line.startswith("immich_jobs_"):
+        name = _TELEMETRY_NAME.match(line)
+        if not name:
             continue
-        m = _TELEMETRY_LINE.match(line)
+        m = _TELEMETRY_REST.match(line[name.end():])
         if not m:
             bad += 1
             continue
@@ -298,7 +315,7 @@ def parse_telemetry(text: str) -> Telemetry:
         if not math.isfinite(value) or value < 0:
             bad += 1
             continue
-        key = (m.group("job"), m.group("status"))
+        key = (name.group("job"), name.group("status"))
         counters[key] = counters.get(key, 0.0) + value
         if job_queue(key[0]) is None:
             unmapped.add(key[0])

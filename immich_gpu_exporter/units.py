@@ -22,6 +22,13 @@ from typing import Any, Iterable, Mapping, Sequence
 from .core import Sample, sample
 
 UNIT_STATES = ("active", "activating", "deactivating", "inactive", "failed", "reloading")
+# Newer ActiveState values (maintenance: systemd 247, `systemctl clean`; refreshing: 249+, a unit
+# re-applying its mount images). They get their own series only while current, so the six
+# above keep node_exporter's shape and the current state is never invisible.
+_STATE_NAME = re.compile(r"[a-z][a-z-]{0,31}")
+# Load states whose unit properties are configuration. For masked, not-found or error systemd
+# answers with its defaults (a running masked unit keeps its processes, not its unit file).
+CONFIGURED_LOAD_STATES = ("loaded", "bad-setting")
 RLIM_INFINITY = 2**64 - 1  # how systemd spells "infinity" in LimitXXX= properties (uint64 -1)
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit"
 
@@ -154,6 +161,8 @@ def unit_samples(r: UnitReading) -> list[Sample]:
     u, t, name = r.unit, r.typed, r.name
     active = str(u.get("ActiveState", ""))
     out = [sample("immich_unit_state", 1 if active == s else 0, unit=name, state=s) for s in UNIT_STATES]
+    if active not in UNIT_STATES and _STATE_NAME.fullmatch(active):
+        out.append(sample("immich_unit_state", 1, unit=name, state=active))
     out.append(sample("immich_unit_info", 1, unit=name, load_state=u.get("LoadState", ""),
                       sub_state=u.get("SubState", ""), unit_file_state=u.get("UnitFileState", "")))
     if not r.found:
@@ -162,6 +171,10 @@ def unit_samples(r: UnitReading) -> list[Sample]:
                       int(u.get("ActiveEnterTimestamp", 0)) / 1e6, unit=name))
     if "NRestarts" in t:
         out.append(sample("immich_unit_restarts_total", int(t["NRestarts"]), unit=name))
+    if r.control_group or "ControlGroup" in t:
+        out.append(sample("immich_unit_processes", len(r.pids), unit=name))
+    if u.get("LoadState") not in CONFIGURED_LOAD_STATES:
+        return out  # tuning: systemd's defaults, not configuration
     if "Nice" in t:
         out.append(sample("immich_unit_nice", int(t["Nice"]), unit=name))
     soft = t.get("LimitMEMLOCKSoft", t.get("LimitMEMLOCK"))  # the soft limit is what mlock() is checked against
@@ -173,8 +186,6 @@ def unit_samples(r: UnitReading) -> list[Sample]:
                                       bool(t.get("PrivateDevices", False)))
         out.append(sample("immich_unit_device_access_info", 1, unit=name, device_policy=policy,
                           nvidia_devices=access))
-    if r.control_group or "ControlGroup" in t:
-        out.append(sample("immich_unit_processes", len(r.pids), unit=name))
     return out
 
 

@@ -76,9 +76,10 @@ def test_not_found_unit_has_state_and_info_but_no_tuning() -> None:
     assert unit_facts([UnitReading("nope.service", NOT_FOUND_UNIT, {})]) == {"unit_pids": {}, "control_groups": {}}
 
 
-def test_unknown_active_state_sets_no_state_series() -> None:
+def test_newer_active_state_gets_its_own_series_and_the_six_stay_zero() -> None:
     got = by_name(unit_samples(UnitReading(ML, dict(LOADED_UNIT, ActiveState="maintenance"), LOADED_SERVICE)))
-    assert [v for _, v in got["immich_unit_state"]] == [0] * 6
+    assert [v for _, v in got["immich_unit_state"]] == [0] * 6 + [1]
+    assert got["immich_unit_state"][-1][0]["state"] == "maintenance"
 
 
 def test_unit_without_type_properties_gets_no_service_metrics() -> None:

@@ -1,7 +1,8 @@
 """Immich API source: server/ML health, version, features, job queues and their timings.
 
 A thin I/O loop. Each cycle: `GET /api/server/ping` and the ML service's `GET /ping` (no auth);
-if the server answered, `/api/server/version`, `/api/server/features` (no auth), the queues
+if the server answered, `/api/server/version`, `/api/server/features` (no auth; all three under
+`/api/server-info` on servers before v1.113, found by a 404 on the ping), the queues
 (`/api/queues`, or the deprecated `/api/jobs` on servers older than v2.4 or when the key only
 has `job.read`) and, when configured, Immich's telemetry, all concurrently. Decoding lives in
 `immich_api`, timing in `timings`; this module only moves bytes and keeps the key secret.
@@ -63,6 +64,7 @@ class ImmichSource(Source):
         self.timings = QueueTimings(method, max_gap=max(6 * interval, 30.0), eta_window=300.0)
         self._version: api.Version | None = None
         self._queue_path: str | None = None  # which queue endpoint works on this server
+        self._server_base = api.SERVER_BASE  # /api/server-info on servers before v1.113
         self._logged: set[str] = set()
         self._key_mode_warned = False
 
@@ -73,8 +75,8 @@ class ImmichSource(Source):
 
     @property
     def timeout(self) -> float:
-        # Two rounds of requests, plus one fallback request to /api/jobs, each bounded.
-        return 3 * float(self.config["immich.timeout"]) + 1.0
+        # Two rounds of requests, plus the fallbacks to /api/server-info and /api/jobs, each bounded.
+        return 4 * float(self.config["immich.timeout"]) + 1.0
 
     async def close(self) -> None:
         if self._session is not None:
@@ -154,17 +156,19 @@ class ImmichSource(Source):
         samples: list[Sample] = []
 
         ping, ml, version = await asyncio.gather(
-            self._get(self._url + "/api/server/ping"),
+            self._get(self._url + self._server_base + "/ping"),
             self._get(self._ml_url + "/ping", prefix="ml_", want_json=False),
             # The version decides which queue endpoint to ask and what a refused key needs.
-            self._get(self._url + "/api/server/version"),
+            self._get(self._url + self._server_base + "/version"),
             return_exceptions=True,
         )
         for r in (ping, ml, version):
             if isinstance(r, BaseException) and not isinstance(r, _Failed):
                 raise r
+        if isinstance(ping, _Failed) and ping.status == 404:
+            ping, version = await self._other_server_base(ping, version)
         server_up = not isinstance(ping, BaseException) and api.decode_ping(ping)
-        ml_up = not isinstance(ml, BaseException) and ml.strip() == "pong"
+        ml_up = not isinstance(ml, BaseException) and api.decode_ml_ping(ml)
         for r in (ping, ml):
             if isinstance(r, _Failed):
                 errors.append(r.reason)
@@ -185,6 +189,21 @@ class ImmichSource(Source):
             raise SourceDown(ping.reason, str(ping), tuple(samples))
         return CollectResult(tuple(samples), errors=tuple(errors))
 
+    async def _other_server_base(self, ping: _Failed, version: Any) -> tuple[Any, Any]:
+        """The ping is 404: a server before v1.113 (/api/server-info), or one upgraded past it."""
+        other = api.LEGACY_SERVER_BASE if self._server_base == api.SERVER_BASE else api.SERVER_BASE
+        ping2, version2 = await asyncio.gather(self._get(self._url + other + "/ping"),
+                                               self._get(self._url + other + "/version"), return_exceptions=True)
+        for r in (ping2, version2):
+            if isinstance(r, BaseException) and not isinstance(r, _Failed):
+                raise r
+        if isinstance(ping2, BaseException) or not api.decode_ping(ping2):
+            return ping, version
+        self._server_base = other
+        self._once("server_base:" + other, logging.INFO, "Immich answers on %s/* (%s)", other,
+                   "a server older than v1.113" if other == api.LEGACY_SERVER_BASE else "upgraded past v1.113")
+        return ping2, version2
+
     def _server_version(self, version: Any, samples: list[Sample], errors: list[str]) -> None:
         if isinstance(version, _Failed):
             errors.append(version.reason)
@@ -200,7 +219,7 @@ class ImmichSource(Source):
         samples.append(sample("immich_server_info", 1, version=str(v)))
 
     async def _collect_server(self, key: str | None, samples: list[Sample], errors: list[str]) -> Observation | None:
-        jobs = [self._get(self._url + "/api/server/features")]
+        jobs = [self._get(self._url + self._server_base + "/features")]
         if key is not None:
             jobs.append(self._queues(key))
             if self._telemetry_url:

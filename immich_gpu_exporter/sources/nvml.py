@@ -188,7 +188,10 @@ class NvmlReader:
                     raw = nv.nvmlDeviceGetProcessesUtilizationInfo(handle, cursor)
                     out = [UtilSample(s.pid, s.timeStamp, s.smUtil, s.memUtil, s.encUtil, s.decUtil) for s in raw]
                 break
-            except nv.NVMLError_NotFound:  # nothing newer than the cursor: no new samples
+            except (nv.NVMLError_NotFound, nv.NVMLError_InsufficientSize):
+                # NotFound: nothing newer than the cursor. InsufficientSize on pynvml's second
+                # call: a process started between its size query and the read. Both mean "no
+                # new samples this cycle"; the held values stay.
                 break
             except (nv.NVMLError_NotSupported, nv.NVMLError_FunctionNotFound, AttributeError):
                 call = "v2" if call == "v1" else "none"
@@ -265,7 +268,9 @@ class UtilTracker:
     def update(self, uuid: str, samples: Iterable[UtilSample], live_pids: Iterable[int], now: float) -> dict[int, Util]:
         live = set(live_pids)
         for s in sorted(samples, key=lambda s: s.timestamp):  # the newest sample of a PID wins
-            if s.pid in live:
+            # Drivers have been seen returning percentages far above 100 for stale or zombie
+            # entries (nvtop #110); such a sample is garbage, not a reading.
+            if s.pid in live and all(0 <= v <= 100 for v in (s.sm, s.memory, s.encoder, s.decoder)):
                 self._last[(uuid, s.pid)] = (Util(s.sm / 100, s.memory / 100, s.encoder / 100, s.decoder / 100), now)
         out: dict[int, Util] = {}
         for pid in live:

@@ -15,6 +15,7 @@ virtual clock, so "the truth" is the schedule itself.
 Every request and every response is recorded (`requests`, `responses`) with a tag saying whether
 the fake meant it to follow the spec ("spec"), deliberately broke it ("fault"), or emulated
 another Immich version ("older_version" / "newer_version"); the contract test validates them.
+Versions before v1.113 answer /api/server-info/* instead of /api/server/* (404 there).
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ class FakeImmich:
         self.extra_queues: dict[str, dict[str, int]] = {}  # names a newer release would add
         self.broken_entries: set[str] = set()  # queue names whose entry loses a required field
         self.ml_up = True
+        self.ml_ping_json = False  # the older ML app answered the JSON string "pong"
         self.telemetry_offset: dict[str, int] = {}  # counters restart from 0 after a restart
         self.requests: list[Recorded] = []
         self.responses: list[Response] = []
@@ -243,6 +245,20 @@ class FakeImmich:
         return resp
 
     def _answer(self, request: web.Request, path: str) -> tuple[web.Response, str]:
+        resp, tag = self._answer_current(request, self._path_of_era(path))
+        return resp, ("older_version" if tag == "spec" and path != self._path_of_era(path) else tag)
+
+    def _path_of_era(self, path: str) -> str:
+        """Before v1.113 the /api/server/* endpoints were /api/server-info/* (same answers)."""
+        if self._v(1, 113):
+            return path
+        if path.startswith("/api/server-info/"):
+            return "/api/server/" + path[len("/api/server-info/"):]
+        if path.startswith("/api/server/"):
+            return "/nonexistent" + path
+        return path
+
+    def _answer_current(self, request: web.Request, path: str) -> tuple[web.Response, str]:
         if path in self.status:
             st = self.status[path]
             return self._error(st, "Internal server error" if st >= 500 else "error", "Error"), "error"
@@ -301,6 +317,8 @@ class FakeImmich:
                                           dict(request.headers), b"", "ml"))
             up = self.ml_up
         if request.path == "/ping" and up:
+            if self.ml_ping_json:
+                return web.json_response("pong")
             return web.Response(text="pong")
         return web.Response(status=503 if not up else 404, text="unavailable")
 
