@@ -165,3 +165,19 @@ def test_demo_speed_is_validated():
     r = run_cli(["demo", "--demo.speed=0"], timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "demo.speed" in r.stderr
+
+
+def test_the_readme_picture_is_drawn_from_measured_demo_numbers():
+    import importlib.util
+
+    from tests.support.dashboard import ROOT
+
+    spec = importlib.util.spec_from_file_location("make_picture", ROOT / "docs" / "make_picture.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = mod.measure()  # the numbers only; drawing needs matplotlib (the docs extra)
+    for q in mod.QUEUES:
+        assert data["per_job"][(q, mod.CPU)] > 2 * data["per_job"][(q, mod.CUDA)]
+    ml = [mem.get("ml", 0) for t, mem, _ in data["timeline"]]
+    cuda_from = next(i for i, (_, _, p) in enumerate(data["timeline"]) if p == mod.CUDA)
+    assert max(ml[:cuda_from]) == 0 < max(ml[cuda_from:])
