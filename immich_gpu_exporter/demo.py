@@ -26,13 +26,11 @@ and docs/make_picture.py); everything in the scenario is a deterministic functio
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 import json
 import logging
 import math
-import sys
 import textwrap
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -678,7 +676,3 @@ def run_demo(cfg: Any) -> int:
     log.info("demo: replaying a CPU-then-CUDA Immich host, one loop every %gs (speed %g); nothing is read from "
              "this machine", PERIOD / speed, speed)
     return serve(cfg, build_daemon(cfg, ScenarioClock(speed)))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("run: immich-gpu-exporter demo")
