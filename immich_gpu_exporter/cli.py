@@ -3,7 +3,7 @@
     immich-gpu-exporter [serve] [flags]   run the daemon (default)
     immich-gpu-exporter --once [flags]    one collection cycle, exposition on stdout, exit 0
     immich-gpu-exporter check [flags]     validate the GPU setup (own issue)
-    immich-gpu-exporter demo [flags]      replay a CPU-then-CUDA scenario (own issue)
+    immich-gpu-exporter demo [flags]      replay a built-in CPU-then-CUDA scenario through the real code
 
 Every configuration flag comes from `config.OPTIONS`. Invalid input: one line on stderr, exit 2.
 """
@@ -167,9 +167,9 @@ async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.E
         await runner.cleanup()
 
 
-def serve(cfg: configmod.Config) -> int:
+def serve(cfg: configmod.Config, daemon: Any = None) -> int:
     try:
-        asyncio.run(serve_async(cfg))
+        asyncio.run(serve_async(cfg, daemon))
     except SystemExit as e:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

@@ -241,6 +241,10 @@ OPTIONS: tuple[Option, ...] = (
            metavar="URL"),
     Option("immich.interval", _positive_float, 5.0, "seconds between Immich API polls"),
     Option("immich.timeout", _positive_float, 3.0, "seconds each Immich API request may take"),
+    # demo
+    Option("demo.speed", _positive_float, 1.0,
+           "demo command only: replay the built-in scenario this many times faster than real time (one "
+           "CPU-then-CUDA loop lasts 80 s at 1)", metavar="FACTOR"),
 )
 
 OPTIONS_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}

@@ -77,9 +77,10 @@ class Exporter:
     """The daemon on an ephemeral loopback port. Use as a context manager."""
 
     def __init__(self, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 python: str | None = None, log_path: pathlib.Path | None = None) -> None:
+                 python: str | None = None, log_path: pathlib.Path | None = None, command: str | None = None) -> None:
         self.port = free_port()
-        self.args = [f"--web.listen-address=127.0.0.1:{self.port}", *args]
+        # command: a subcommand such as "demo"; it must come before the flags
+        self.args = [*([command] if command else []), f"--web.listen-address=127.0.0.1:{self.port}", *args]
         self.env = exporter_env(env)
         self.python = python or sys.executable
         self.log_path = log_path
