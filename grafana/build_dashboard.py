@@ -139,8 +139,10 @@ def build() -> dict[str, Any]:
                thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}]), 5, 4)
 
     L.row("Before / after: seconds per job, CPU vs CUDA")
-    spj = (f"sum by (queue, provider) (increase(immich_queue_active_job_seconds_total{{{I}, {ML_QUEUES}}}[$__range]))"
-           f" / sum by (queue, provider) (increase(immich_queue_jobs_processed_total{{{I}, {ML_QUEUES}}}[$__range]))")
+    # provider="" is ML work done before the exporter knew the provider (no provider line read yet)
+    known = f'{ML_QUEUES}, provider!=""'
+    spj = (f"sum by (queue, provider) (increase(immich_queue_active_job_seconds_total{{{I}, {known}}}[$__range]))"
+           f" / sum by (queue, provider) (increase(immich_queue_jobs_processed_total{{{I}, {known}}}[$__range]))")
     p = panel("bargauge", "Seconds per job by queue and provider", [target(spj, "{{queue}} {{provider}}",
                                                                            instant=True)], "s",
               "Job-seconds of work divided by jobs finished, over the dashboard's time range.", min=0)
@@ -162,8 +164,8 @@ def build() -> dict[str, Any]:
              [target(f"sum by (queue, provider) (rate(immich_queue_jobs_processed_total{{{I}}}[$__rate_interval]))",
                      "{{queue}} {{provider}}")], "ops"), 12, 8)
     L.add(ts("Seconds per job over time",
-             [target(f"sum by (queue, provider) (rate(immich_queue_active_job_seconds_total{{{I}, {ML_QUEUES}}}[$__rate_interval]))"
-                     f" / sum by (queue, provider) (rate(immich_queue_jobs_processed_total{{{I}, {ML_QUEUES}}}[$__rate_interval]))",
+             [target(f"sum by (queue, provider) (rate(immich_queue_active_job_seconds_total{{{I}, {known}}}[$__rate_interval]))"
+                     f" / sum by (queue, provider) (rate(immich_queue_jobs_processed_total{{{I}, {known}}}[$__rate_interval]))",
                      "{{queue}} {{provider}}")], "s"), 12, 8)
     p = panel("table", "Last backlog runs", [
         target(f"immich_queue_last_run_duration_seconds{{{I}}}", ref="A", instant=True, fmt="table"),

@@ -734,14 +734,17 @@ class MLState:
         if pref is not None:
             out.extend(sample("immich_ml_preferred_execution_provider", p == pref, provider=p) for p in seen)
         out.append(sample("immich_ml_cpu_fallback", self.cpu_fallback))
-        out.extend(sample("immich_ml_provider_errors_total", n, provider=p, kind=k)
-                   for (p, k), n in sorted(self.errors.items()))
+        # Counters exist at 0 before their first event, so that increase() sees that event too
+        # (an alert on the first OOM kill or the first provider failure after a restart).
+        error_providers = {p for p, _ in self.errors} | ({pref} if _is_gpu(pref) else set())
+        out.extend(sample("immich_ml_provider_errors_total", self.errors.get((p, k), 0), provider=p, kind=k)
+                   for p in sorted(error_providers) for k in ERROR_KINDS)
         loaded = self.loaded_models()
         for key in self.models_seen + [k for k in self.model_loads if k not in self.models_seen]:
             out.append(sample("immich_ml_model_loads_total", self.model_loads.get(key, 0), model_type=key[0],
                               model_name=key[1]))
             out.append(sample("immich_ml_model_loaded", key in loaded, model_type=key[0], model_name=key[1]))
-        out.extend(sample("immich_ml_worker_exits_total", n, reason=r) for r, n in sorted(self.exits.items()))
+        out.extend(sample("immich_ml_worker_exits_total", self.exits.get(r, 0), reason=r) for r in EXIT_REASONS)
         out.append(sample("immich_ml_worker_boots_total", self.boots))
         if self.server_healthy is not None:
             out.append(sample("immich_ml_server_healthy", self.server_healthy))
