@@ -569,7 +569,8 @@ class MLState:
                 # drop exited workers first, then the oldest
                 victim = next((k for k, v in self.workers.items() if v["exited"]), next(iter(self.workers)))
                 del self.workers[victim]
-            w = self.workers[key] = {"providers": [], "broken": [], "effective": None, "models": [], "exited": False}
+            w = self.workers[key] = {"providers": [], "broken": [], "effective": None, "models": [], "exited": False,
+                                     "since": event_time(ev.ts)}
         return w
 
     @staticmethod
@@ -661,9 +662,13 @@ class MLState:
                 w["models"] = []
                 w["exited"] = True
         elif k in ("arbiter_start", "arbiter_stop"):
-            prefix = ev.group + "\x00"
+            # Only workers that existed before the arbiter line: an old master's "Shutting down:
+            # Master" can be completed (and applied) after the new master's worker booted, when both
+            # arrive in one read (backfill, catching up after a restart).
+            prefix, t = ev.group + "\x00", event_time(ev.ts)
             for key, w in self.workers.items():
-                if key.startswith(prefix):
+                since = w.get("since")
+                if key.startswith(prefix) and not (t is not None and since is not None and since > t):
                     w["models"] = []
                     w["exited"] = True
         elif k == "server_health":

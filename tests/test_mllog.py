@@ -380,3 +380,30 @@ def test_state_round_trips_through_json():
     for ev in p2.feed(entry(C29 + "['CPUExecutionProvider'], in descending order of preference")) + p2.flush():
         s2.apply(ev)
     assert s2.preferred == CPU
+
+
+def test_old_masters_late_stop_does_not_end_the_new_worker():
+    """A restart read in one batch (backfill, catching up). Under systemd every line of the unit carries
+    the main process's _PID (the stdout stream is one connection), so the old master's last record is
+    completed only at the final flush, after the new master's worker booted and loaded a model: it must
+    end only the workers that existed before it."""
+    t = 1_785_000_000_000_000
+    old, new = 99, 199
+    lines = [
+        entry("[07/30/26 12:00:00] INFO     Booting worker with pid: 100", pid=old, ts=t),
+        entry("[07/30/26 12:00:01] INFO     Loading visual model 'ViT-B-32__openai' to memory", pid=old, ts=t + 1),
+        entry("[07/30/26 12:00:05] INFO     Shutting down: Master", pid=old, ts=t + 5_000_000),
+        entry("[07/30/26 12:00:06] INFO     Starting gunicorn 23.0.0", pid=new, ts=t + 6_000_000),
+        entry("[07/30/26 12:00:06] INFO     Booting worker with pid: 200", pid=new, ts=t + 6_000_001),
+        entry("[07/30/26 12:00:07] INFO     Loading textual model 'ViT-B-32__openai' to memory", pid=new,
+              ts=t + 7_000_000),
+        entry("[07/30/26 12:00:07] INFO     Setting execution providers to ['CPUExecutionProvider'], in "
+              "descending order of preference", pid=new, ts=t + 7_000_001),
+        entry("[07/30/26 12:10:07] INFO     Shutting down due to inactivity.", pid=new, ts=t + 607_000_000),
+        entry("[07/30/26 12:10:08] INFO     Booting worker with pid: 300", pid=new, ts=t + 608_000_000),
+    ]
+    s = run(lines[:7])
+    assert s.loaded_models() == {("textual", "ViT-B-32__openai")}
+    s = run(lines)
+    assert s.loaded_models() == set()
+    assert s.exits.get("inactivity") == 1
