@@ -260,3 +260,36 @@ async def test_docker_names_on_a_dead_socket_is_best_effort(tmp_path):
 ])
 def test_owner_cgroup_is_the_top_of_the_unit_or_container_subtree(text, owner):
     assert attr.locate(text).owner_cgroup == owner
+
+
+def test_process_table_agrees_with_psutil_on_live_processes():
+    """psutil as an independent oracle for the /proc reads behind the tuning metrics."""
+    import resource
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.support.proc import wait_for
+
+    from immich_gpu_exporter.attribution import ProcessTable
+
+    child = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: (os.nice(7), resource.setrlimit(
+        resource.RLIMIT_MEMLOCK, (1 << 20, resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]))))
+    try:
+        wait_for(lambda: psutil.Process(child.pid).status() == psutil.STATUS_SLEEPING, 5, what="sleep running")
+        time.sleep(0.2)  # let the freshly exec'd process fault its pages in, so its RSS is stable
+        table = ProcessTable()
+        for pid in (os.getpid(), child.pid):
+            info = table.lookup(pid)
+            p = psutil.Process(pid)
+            assert info is not None and info.comm == p.name()
+            assert info.nice == p.nice()
+            soft = p.rlimit(psutil.RLIMIT_MEMLOCK)[0]
+            assert info.memlock == (math.inf if soft == psutil.RLIM_INFINITY else soft)
+            assert abs(info.rss_bytes - p.memory_info().rss) <= 64 * 4096  # read at slightly different times
+            assert abs(info.cpu_seconds - sum(p.cpu_times()[:2])) < 0.5
+        assert table.lookup(child.pid).nice == 7 and table.lookup(child.pid).memlock == 1 << 20
+    finally:
+        child.kill()
+        child.wait()

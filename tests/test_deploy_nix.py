@@ -164,7 +164,7 @@ def test_package_builds_this_version_with_the_runtime_dependencies():
     assert (pkg["pname"], pkg["version"]) == ("immich-gpu-exporter", __version__)
     assert pkg["meta"]["mainProgram"] == "immich-gpu-exporter"
     # the nixpkgs attribute names of pyproject.toml's dependencies
-    assert sorted(pkg["dependencies"]) == ["aiohttp", "nvidia-ml-py", "prometheus-client", "psutil", "pystemd"]
+    assert sorted(pkg["dependencies"]) == ["aiohttp", "nvidia-ml-py", "prometheus-client", "pystemd"]
 
 
 def _as_unit_values(value) -> list[str]:

@@ -29,7 +29,6 @@ python3Packages.buildPythonApplication {
   dependencies = with python3Packages; [
     prometheus-client
     nvidia-ml-py
-    psutil
     aiohttp
     pystemd
   ];
