@@ -24,6 +24,10 @@ COMMANDS = ("serve", "check", "demo")
 log = logging.getLogger("immich_gpu_exporter")
 
 
+_METAVARS = {"_positive_float": "SECONDS", "_positive_int": "N", "_url": "URL", "_opt_url": "URL",
+             "_path": "PATH", "_opt_path": "PATH", "_log_level": "LEVEL"}
+
+
 class UsageError(Exception):
     pass
 
@@ -36,6 +40,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(command: str = "serve") -> argparse.ArgumentParser:
     p = _Parser(prog=f"{PROG}" if command == "serve" else f"{PROG} {command}",
                 description="Prometheus exporter that shows whether Immich really runs on the GPU.",
+                epilog="commands: serve (the default: run the daemon), demo (serve a looping CPU-then-CUDA "
+                       "replay through the real parsers, for the dashboard), check (not implemented yet). "
+                       "Every option is also an environment variable IMMICH_GPU_EXPORTER_<SECTION>_<KEY> and a "
+                       "TOML key [section] key; see docs/configuration.md.",
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file (flags > env > file > defaults)")
@@ -53,7 +61,7 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
             p.add_argument(o.flag, dest=o.dest, action="append", metavar=o.metavar or "VALUE",
                            help=f"{o.help} (default: {','.join(o.default)})")
         else:
-            p.add_argument(o.flag, dest=o.dest, metavar=o.metavar or "VALUE",
+            p.add_argument(o.flag, dest=o.dest, metavar=o.metavar or _METAVARS.get(o.parse.__name__, "VALUE"),
                            help=f"{o.help} (default: {o.default})")
     return p
 
