@@ -5,7 +5,9 @@
 
   outputs = { self, nixpkgs }:
     let
-      systems = [ "x86_64-linux" "aarch64-linux" ];
+      # x86_64 only: nixpkgs' nvidia-ml-py sets meta.platforms = [ "x86_64-linux" ], so the
+      # package does not evaluate elsewhere without allowUnsupportedSystem.
+      systems = [ "x86_64-linux" ];
       forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
     in
     {

@@ -17,6 +17,7 @@ import pytest
 
 from immich_gpu_exporter import __version__, config as configmod
 from tests.support.deploy import UNIT_PATH, clean_env, directives
+from tests.support.nested_systemd import nested_systemd  # noqa: F401  (registers the fixture)
 from tests.support.proc import ROOT
 
 NIX_ENV = {**os.environ, "NIX_CONFIG": "build-users-group ="}  # no nixbld group here
@@ -184,7 +185,8 @@ def test_module_service_is_the_shipped_unit():
 
 
 def test_option_type_errors_are_reported():
-    with pytest.raises(EvalError, match="not of type `16 bit unsigned integer'"):
+    # nixpkgs' types.port is ints.u16; its description names the range
+    with pytest.raises(EvalError, match=r"not of type `16 bit unsigned integer; between 0 and 65535 \(both inclusive\)'"):
         evaluate("services.immich-gpu-exporter = { enable = true; port = 70000; };")
     with pytest.raises(EvalError, match=r"The option `services.immich-gpu-exporter.prot' does not exist"):
         evaluate("services.immich-gpu-exporter = { enable = true; prot = 1; };")
@@ -217,7 +219,7 @@ def test_immich_gpu_on_a_complete_host_configures_the_units():
 def test_immich_gpu_orders_after_the_cdi_generator_when_the_toolkit_is_on():
     ml = evaluate(GPU_HOST + " hardware.nvidia-container-toolkit.enable = true;")["mlService"]
     assert "nvidia-container-toolkit-cdi-generator.service" in ml["after"]
-    assert "requires" not in ml
+    assert "nvidia-container-toolkit-cdi-generator.service" not in ml.get("requires", [])
 
 
 def test_immich_gpu_options_change_the_units():
@@ -276,3 +278,93 @@ def test_immich_gpu_disabled_changes_nothing():
     assert result["accelerationDevices"] == [] and result["tmpfiles"] == [] and result["failedAssertions"] == []
     assert result["mlService"]["serviceConfig"]["PrivateDevices"] is True
     assert "COLUMNS" not in result["mlService"]["environment"]
+
+
+# --- checks against the real nixpkgs semantics (nixpkgs @ b1325fd54d3a: immich.nix; NixOS utils) --
+
+HOSTILE = {
+    # systemd would expand %n / $HOME and C-unescape \t inside quotes: each must arrive verbatim
+    "immichUrl": "http://localhost:2283/a%20b",
+    "units": ["it's a unit.service", "back\\tslash.service"],
+    "extraFlags": ["--log.level=debug", "--systemd.unit=$HOME-%n.service"],
+}
+
+
+def test_exec_start_reaches_the_exporter_verbatim_under_real_systemd(nested_systemd, tmp_path):
+    """systemd, not a shell, splits ExecStart=: quotes carry C escapes, and % and $ expand. The
+    module's quoting must survive the real parser; an argv dumper stands in for the exporter."""
+    key = nested_systemd.base / "key"
+    key.write_text("k\n")
+    nix_str = lambda v: json.dumps(v)  # JSON strings are valid Nix strings for this ASCII input
+    result = evaluate(f"""services.immich-gpu-exporter = {{ enable = true;
+        immichUrl = {nix_str(HOSTILE["immichUrl"])};
+        units = [ {" ".join(map(nix_str, HOSTILE["units"]))} ];
+        extraFlags = [ {" ".join(map(nix_str, HOSTILE["extraFlags"]))} ];
+        apiKeyFile = {nix_str(str(key))}; }};""")
+    exec_start = result["exporterService"]["serviceConfig"]["ExecStart"]
+    exe, rest = exec_start.split(" ", 1)  # the store path has no blank, quoted or not
+    assert STORE_EXE.match(exe.strip('"')), exe
+    dumper = nested_systemd.base / "argv.py"
+    out = nested_systemd.base / "argv.json"
+    dumper.write_text(f"import json, sys\nopen({str(out)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    nested_systemd.add_unit("argv.service", "[Service]\nType=oneshot\n"
+                            f"LoadCredential=immich-api-key:{key}\n"
+                            f"ExecStart={json.dumps(sys.executable)} {json.dumps(str(dumper))} {rest}\n")
+    nested_systemd.start_unit("argv.service")
+    argv = json.loads(out.read_text())
+    assert f"--immich.url={HOSTILE['immichUrl']}" in argv
+    assert [a for a in argv if a.startswith("--systemd.unit=")] == \
+        [f"--systemd.unit={u}" for u in HOSTILE["units"]] + ["--systemd.unit=$HOME-%n.service"]
+    assert argv[-2:] == HOSTILE["extraFlags"]  # last, so they can override the module's flags
+    key_flag = [a for a in argv if a.startswith("--immich.api-key-file=")]
+    assert key_flag == ["--immich.api-key-file=/run/credentials/argv.service/immich-api-key"]
+    # and the exporter accepts the command line systemd produced
+    r = dry_run([a.replace("/run/credentials/argv.service", str(tmp_path / "credentials")) for a in argv], tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_immich_environment_is_a_freeform_submodule_as_in_nixpkgs():
+    """nixpkgs declares both environments as submodule { freeformType = attrsOf str; }: values merge
+    per name, two different strings for one name at the same priority are an error, and the value
+    has no _module attribute."""
+    result = evaluate(GPU_HOST + ' services.immich.machine-learning.environment.MACHINE_LEARNING_MODEL_TTL = "600";')
+    env = result["mlEnvironment"]
+    assert env["MACHINE_LEARNING_MODEL_TTL"] == "600" and env["XDG_CACHE_HOME"] == "/var/cache/immich"
+    assert "_module" not in env and result["mlService"]["environment"] == env
+    with pytest.raises(EvalError, match="conflicting definition values"):
+        evaluate(GPU_HOST + ' services.immich.machine-learning.environment.COLUMNS = "200";')
+    with pytest.raises(EvalError, match="is not of type `string'"):
+        evaluate(GPU_HOST + " services.immich.machine-learning.environment.COLUMNS = 200;")
+
+
+def test_a_users_own_mplconfigdir_wins_without_mkforce():
+    env = evaluate(GPU_HOST + ' services.immich.machine-learning.environment.MPLCONFIGDIR = "/srv/mpl";')["mlEnvironment"]
+    assert env["MPLCONFIGDIR"] == "/srv/mpl"
+
+
+def test_media_location_may_be_a_path_literal():
+    """types.path (nixpkgs' mediaLocation) accepts a path literal; the storage assertion must too."""
+    result = evaluate(GPU_HOST + " services.immich.mediaLocation = /srv/photos;")
+    assert result["failedAssertions"] == []
+    assert "/srv/photos" in result["tmpfilesSettings"]["immich"]
+
+
+def test_datacenter_driver_satisfies_the_nvidia_assertion():
+    """nixpkgs loads the NVIDIA driver for hardware.nvidia.datacenter.enable without "nvidia" in
+    videoDrivers (and forbids setting both)."""
+    host = GPU_HOST.replace('services.xserver.videoDrivers = [ "nvidia" ];', "hardware.nvidia.datacenter.enable = true;")
+    assert evaluate(host)["failedAssertions"] == []
+
+
+def test_other_acceleration_devices_merge_and_null_is_rejected():
+    devices = evaluate(GPU_HOST + ' services.immich.accelerationDevices = [ "/dev/dri/renderD128" ];')["accelerationDevices"]
+    assert "/dev/dri/renderD128" in devices and "/dev/nvidiactl" in devices
+    # nullOr: a null next to a list is an error in nixpkgs' lib, documented in the option text
+    with pytest.raises(EvalError, match="defined both null and not null"):
+        evaluate(GPU_HOST + " services.immich.accelerationDevices = null;")
+
+
+def test_immich_ml_unit_keeps_nixpkgs_ordering_and_adds_ours():
+    ml = evaluate(GPU_HOST + " hardware.nvidia-container-toolkit.enable = true;")["mlService"]
+    assert ml["after"] == ["network.target", "postgresql.target", "nvidia-container-toolkit-cdi-generator.service"]
+    assert ml["requires"] == ["postgresql.target"]

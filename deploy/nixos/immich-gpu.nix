@@ -44,7 +44,12 @@ let
     lib.mapAttrsToList (name: why: "services.immich-gpu: ${where}.${name} has no effect: ${why}.")
       (lib.filterAttrs (name: _: env ? ${name}) ineffective);
 
-  isAbsolute = p: builtins.isString p && lib.hasPrefix "/" p;
+  # mediaLocation is types.path, which also accepts a path literal (/srv/photos), not only a string.
+  isAbsolute = p: (builtins.isString p || builtins.isPath p) && lib.hasPrefix "/" (toString p);
+
+  # nixpkgs loads the NVIDIA driver for "nvidia" in services.xserver.videoDrivers or for
+  # hardware.nvidia.datacenter.enable (data-center drivers; nixpkgs forbids setting both).
+  nvidiaDriver = lib.elem "nvidia" config.services.xserver.videoDrivers || config.hardware.nvidia.datacenter.enable;
 in
 {
   options.services.immich-gpu = {
@@ -58,6 +63,10 @@ in
         The /dev/nvidiaN nodes of the GPUs Immich may use (`ls /dev/nvidia[0-9]*`). The control
         nodes (/dev/nvidiactl, /dev/nvidia-uvm, /dev/nvidia-uvm-tools, /dev/nvidia-modeset) are
         always added. Both Immich units get them: nixpkgs applies accelerationDevices to both.
+        Other devices (say /dev/dri/renderD128 for transcoding) go into
+        services.immich.accelerationDevices as usual; the lists merge. Do not set that option to
+        null ("all devices") with this module: its type, null or a list, rejects a null defined
+        next to a list.
       '';
     };
 
@@ -122,8 +131,8 @@ in
         message = "services.immich-gpu: GPU infrastructure is off; set hardware.graphics.enable = true.";
       }
       {
-        assertion = lib.elem "nvidia" config.services.xserver.videoDrivers;
-        message = ''services.immich-gpu: supports NVIDIA only; set services.xserver.videoDrivers = [ "nvidia" ] (this loads the NVIDIA driver, also on headless hosts).'';
+        assertion = nvidiaDriver;
+        message = ''services.immich-gpu: supports NVIDIA only; set services.xserver.videoDrivers = [ "nvidia" ] (this loads the NVIDIA driver, also on headless hosts) or, for data-center GPUs, hardware.nvidia.datacenter.enable = true.'';
       }
       {
         assertion = cfg.requireContainerToolkit -> config.hardware.nvidia-container-toolkit.enable;
@@ -150,7 +159,9 @@ in
       MACHINE_LEARNING_DEVICE_ID = toString cfg.deviceId;
       # cacheRoot, not MACHINE_LEARNING_CACHE_FOLDER: reading this attribute set while defining it
       # would recurse; nixpkgs' CacheDirectory=immich guarantees that cacheRoot exists.
-      MPLCONFIGDIR = "${cacheRoot}/matplotlib";
+      # mkDefault: the environment is a freeform set of strings, where two different values at the
+      # same priority are an evaluation error; a user's own MPLCONFIGDIR simply wins.
+      MPLCONFIGDIR = lib.mkDefault "${cacheRoot}/matplotlib";
       COLUMNS = toString cfg.logColumns;
     };
 

@@ -4,7 +4,7 @@
 # compares the two line by line); the reasons for each setting are written there and in
 # docs/deploy.md. Differences, both NixOS idioms: the API key comes from `apiKeyFile` through
 # LoadCredential= instead of /etc/credstore, and configuration is flags, not an environment file.
-{ config, lib, pkgs, ... }:
+{ config, lib, pkgs, utils, ... }:
 
 let
   cfg = config.services.immich-gpu-exporter;
@@ -23,10 +23,19 @@ let
     ]
     ++ map (u: "--systemd.unit=${u}") cfg.units
     ++ map (u: "--journal.unit=${u}") cfg.journalUnits
-    ++ map (c: if cfg.collectors.${c} then "--collector.${c}" else "--no-collector.${c}") collectorNames
-    # %d is the service's private credentials directory; systemd expands it at start.
+    ++ map (c: if cfg.collectors.${c} then "--collector.${c}" else "--no-collector.${c}") collectorNames;
+
+  # ExecStart= is split by systemd, not by a shell: it processes C escapes inside quotes too and
+  # expands % specifiers and $VARIABLES, so lib.escapeShellArgs would mangle a backslash, `%` or
+  # `$` in a URL or an extra flag. NixOS' utils.escapeSystemdExecArgs quotes for systemd instead.
+  # The key-file flag is the one argument that must keep its specifier: %d is the service's
+  # private credentials directory, which systemd expands at start. extraFlags come last, so they
+  # can still override any flag above.
+  execStart = lib.concatStringsSep " " (
+    [ (utils.escapeSystemdExecArgs ([ (lib.getExe cfg.package) ] ++ args)) ]
     ++ lib.optional (cfg.apiKeyFile != null) "--immich.api-key-file=%d/immich-api-key"
-    ++ cfg.extraFlags;
+    ++ lib.optional (cfg.extraFlags != [ ]) (utils.escapeSystemdExecArgs cfg.extraFlags)
+  );
 
   collectorOption = name: description: mkOption {
     type = types.bool;
@@ -154,7 +163,7 @@ in
       after = [ "network.target" "nvidia-persistenced.service" "nvidia-container-toolkit-cdi-generator.service" ];
       serviceConfig = {
         Type = "exec";
-        ExecStart = "${lib.getExe cfg.package} ${lib.escapeShellArgs args}";
+        ExecStart = execStart;
         Restart = "on-failure";
         RestartSec = "5s";
 

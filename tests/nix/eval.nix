@@ -31,7 +31,7 @@ let
   };
   eval = lib.evalModules {
     modules = [ ./nixos-stubs.nix ./immich-stub.nix ../../deploy/nixos/module.nix ../../deploy/nixos/immich-gpu.nix config ];
-    specialArgs = { inherit pkgs; };
+    specialArgs = { inherit pkgs; utils = import ./utils.nix; };
   };
   c = eval.config;
 in
@@ -44,8 +44,11 @@ in
   serverService = c.systemd.services.immich-server or null;
   accelerationDevices = c.services.immich.accelerationDevices;
   tmpfiles = c.systemd.tmpfiles.rules;
+  tmpfilesSettings = c.systemd.tmpfiles.settings;
   firewall = c.networking.firewall.allowedTCPPorts;
   users = c.users.users;
+  immichEnvironment = c.services.immich.environment;
+  mlEnvironment = c.services.immich.machine-learning.environment;
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) c.assertions);
   warnings = c.warnings;
 }

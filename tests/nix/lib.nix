@@ -77,7 +77,8 @@ let
     int = mkOptionType { name = "int"; description = "signed integer"; check = isInt; };
     path = mkOptionType { name = "path"; check = v: isPath v || (isString v && lib.hasPrefix "/" v); };
     package = mkOptionType { name = "package"; check = v: isAttrs v || isString v; };
-    port = mkOptionType { name = "port"; description = "16 bit unsigned integer"; check = v: isInt v && v >= 0 && v <= 65535; };
+    # As in nixpkgs, port is ints.u16, whose description names its range.
+    port = mkOptionType { name = "port"; description = "16 bit unsigned integer; between 0 and 65535 (both inclusive)"; check = v: isInt v && v >= 0 && v <= 65535; };
     ints = {
       between = lo: hi: mkOptionType {
         name = "intBetween";
@@ -111,6 +112,18 @@ let
             if sub == [ ] then [ ] else [ { name = n; value = elemType.merge (loc ++ [ n ]) (checkedElems elemType (loc ++ [ n ]) sub); } ])
           names));
     };
+    # Only the free-form use (`submodule { freeformType = ...; }`, as nixpkgs declares
+    # services.immich.environment): definitions merge like the free-form type, and the value
+    # carries no `_module`, as the real module system strips it.
+    submodule = module:
+      if !isAttrs module || attrNames module != [ "freeformType" ]
+      then throw "the lib stand-in supports only submodule { freeformType = ...; }"
+      else mkOptionType {
+        name = "submodule";
+        description = "submodule";
+        check = isAttrs;
+        merge = loc: defs: module.freeformType.merge loc (checkedElems module.freeformType loc defs);
+      };
     nullOr = elemType: mkOptionType {
       name = "nullOr";
       description = "null or ${elemType.description}";

@@ -10,11 +10,14 @@ in
     warnings = mkOption { type = types.listOf types.str; default = [ ]; };
     systemd.services = mkOption { type = types.attrsOf types.anything; default = { }; };
     systemd.tmpfiles.rules = mkOption { type = types.listOf types.str; default = [ ]; };
+    systemd.tmpfiles.settings = mkOption { type = types.attrsOf types.anything; default = { }; };
+    systemd.slices = mkOption { type = types.attrsOf types.anything; default = { }; };
     users.users = mkOption { type = types.attrsOf types.anything; default = { }; };
     users.groups = mkOption { type = types.attrsOf types.anything; default = { }; };
     networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
     hardware.graphics.enable = mkOption { type = types.bool; default = false; };
     hardware.nvidia-container-toolkit.enable = mkOption { type = types.bool; default = false; };
+    hardware.nvidia.datacenter.enable = mkOption { type = types.bool; default = false; };
     services.xserver.videoDrivers = mkOption { type = types.listOf types.str; default = [ ]; };
     services.postgresql.enable = mkOption { type = types.bool; default = false; };
   };
