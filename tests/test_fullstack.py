@@ -80,10 +80,11 @@ Nice=-10
 LimitMEMLOCK=infinity
 """
 
-SERVER_UNIT_FILE = """[Unit]
+NEST_LINE = "[Nest] $$  - 07/30/2026, 12:00:00 PM     LOG [Api:Bootstrap] Immich Server is listening"
+SERVER_UNIT_FILE = f"""[Unit]
 Description=Immich server (fake)
 [Service]
-ExecStart=/bin/sh -c 'echo "[Nest] $$  - 07/30/2026, 12:00:00 PM     LOG [Api:Bootstrap] Immich Server is listening"; exec sleep 1000'
+ExecStart=/bin/sh -c 'echo "{NEST_LINE}"; exec sleep 1000'
 """
 
 
@@ -135,7 +136,7 @@ def test_all_four_sources_pass_facts_through_the_hub(nested_systemd: NestedSyste
 
     t0 = time.monotonic()
     smart = QueueSim("smartSearch", concurrency=2, job_seconds=0.5, arrivals=[t0] * 400)
-    fake = FakeImmich(queues=[smart], keys={KEY: Key()}).start()
+    fake = FakeImmich(queues=[smart], keys={KEY: Key()})  # ports are chosen here, started below
     exporter = Exporter([
         f"--systemd.unit={ML_UNIT}", f"--systemd.unit={SERVER_UNIT}", f"--systemd.cgroup-root={ns.cgroup}",
         "--systemd.interval=1",
@@ -165,6 +166,7 @@ def test_all_four_sources_pass_facts_through_the_hub(nested_systemd: NestedSyste
             raise AssertionError(f"{e}\n{why() if exporter.proc else ''}") from None
 
     try:
+        fake.start()
         if exporter_first:
             exporter.start()
             wait_for(lambda: value(metrics(), "immich_unit_state", unit=ML_UNIT, state="inactive") == 1,
@@ -214,7 +216,8 @@ def test_all_four_sources_pass_facts_through_the_hub(nested_systemd: NestedSyste
         # journal cross-check NVML's ML memory for longer than the grace: the fallback must stay off.
         def cuda_seconds(mm: dict) -> float:
             return value(mm, "immich_queue_active_job_seconds_total", queue="smartSearch", provider=CUDA) or 0.0
-        m = until(lambda: (mm := metrics()) and cuda_seconds(mm) > 2 * 2 * GRACE and mm, "smartSearch job-seconds under CUDA")
+        m = until(lambda: (mm := metrics()) and cuda_seconds(mm) > 2 * 2 * GRACE and mm,
+                  "smartSearch job-seconds under CUDA")
         assert value(m, "immich_ml_cpu_fallback") == 0, why(m)
         assert value(m, "immich_ml_provider_errors_total", provider=CUDA, kind="no_gpu_memory") == 0, why(m)
         assert value(m, "immich_gpu_process_memory_used_bytes", component="ml", unit=ML_UNIT) == ML_BYTES, why(m)
@@ -222,7 +225,8 @@ def test_all_four_sources_pass_facts_through_the_hub(nested_systemd: NestedSyste
 
         # -- 4. the ML unit leaves the GPU: after the grace, the journal source reports the CPU fallback --------
         script_gpu(scen, {server: SERVER_BYTES})
-        m = until(lambda: (mm := metrics()) and value(mm, "immich_ml_cpu_fallback") == 1 and mm, "the CPU fallback from NVML's empty ML memory")
+        m = until(lambda: (mm := metrics()) and value(mm, "immich_ml_cpu_fallback") == 1 and mm,
+                  "the CPU fallback from NVML's empty ML memory")
         assert value(m, "immich_gpu_process_memory_used_bytes", component="ml", unit=ML_UNIT) is None, why(m)
         assert value(m, "immich_ml_provider_errors_total", provider=CUDA, kind="no_gpu_memory") == 1, why(m)
         assert value(m, "immich_ml_execution_provider", provider=CPU) == 1, why(m)
@@ -236,7 +240,8 @@ def test_all_four_sources_pass_facts_through_the_hub(nested_systemd: NestedSyste
             return value(mm, "immich_queue_active_job_seconds_total", queue="smartSearch", provider=CPU)
         m = until(lambda: (mm := metrics()) and cpu_seconds(mm) is not None and mm, "a smartSearch series under CPU")
         cuda_frozen, cpu_first = cuda_seconds(m), cpu_seconds(m)
-        m = until(lambda: (mm := metrics()) and cpu_seconds(mm) > cpu_first + 1.0 and mm, "smartSearch job-seconds growing under CPU")
+        m = until(lambda: (mm := metrics()) and cpu_seconds(mm) > cpu_first + 1.0 and mm,
+                  "smartSearch job-seconds growing under CPU")
         assert cuda_seconds(m) == cuda_frozen, why(m)
         assert smart.counts(time.monotonic())["active"] == 2  # the backlog never ran dry: time went to CPU
         for source in ("nvml", "systemd", "journal", "immich"):
