@@ -194,7 +194,9 @@ def test_all_four_sources_pass_facts_through_the_hub(nested_systemd: NestedSyste
         assert value(m, "immich_gpu_process_memory_used_bytes", component="server", unit=SERVER_UNIT) \
             == SERVER_BYTES, why(m)
         assert value(m, "immich_process_nice", component="ml", unit=ML_UNIT) == -10, why(m)
-        assert value(m, "immich_unit_processes", unit=ML_UNIT) == 2, why(m)
+        # a fork changes no unit property (no D-Bus signal): the count follows at the next safety-net poll
+        m = until(lambda: (mm := metrics()) and value(mm, "immich_unit_processes", unit=ML_UNIT) == 2 and mm,
+                  "both ML processes counted in the unit")
 
         # -- 2. configured vs applied tuning on one /metrics ---------------------------------------------------
         assert value(m, "immich_unit_nice", unit=ML_UNIT) == -10, why(m)
