@@ -17,7 +17,7 @@ import time
 import aiohttp
 
 from tests.support.fake_immich import FakeImmich, QueueSim
-from tests.test_immich_source import make_source
+from tests.support.immich_source import make_source
 
 
 async def main(n: int) -> None:

@@ -16,7 +16,7 @@ import pytest
 from immich_gpu_exporter.core import SourceDown
 from tests.support import immich_spec
 from tests.support.fake_immich import AUTH, FEATURES_V3, QUEUE_ADDED, FakeImmich, Key
-from tests.test_immich_source import make_source
+from tests.support.immich_source import make_source
 
 SPEC = immich_spec.load()
 pytestmark = pytest.mark.skipif(SPEC is None, reason=f"Immich OpenAPI spec not found at {immich_spec.SPEC_PATH}")

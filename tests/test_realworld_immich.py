@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from types import MappingProxyType
 
 import pytest
 
-from immich_gpu_exporter import config as configmod
 from immich_gpu_exporter import immich_api as api
-from immich_gpu_exporter.core import CollectResult, Snapshot, SourceDown, SourceState
-from immich_gpu_exporter.metrics import check_sample
-from immich_gpu_exporter.sources.base import Hub
+from immich_gpu_exporter.core import CollectResult, SourceDown
 from immich_gpu_exporter.sources.immich import ImmichSource
 from tests.support.fake_immich import FakeImmich, Key, QueueSim
+from tests.support.immich_source import make_source, values
 
 V194_QUEUES = ("thumbnailGeneration", "metadataExtraction", "videoConversion", "faceDetection", "facialRecognition",
                "smartSearch", "backgroundTask", "storageTemplateMigration", "migration", "search", "sidecar", "library")
@@ -183,25 +180,6 @@ def test_telemetry_counter_without_total_suffix_and_with_timestamp():
 
 
 # --- the source against the fake server -----------------------------------------------------------
-
-def make_source(fake: FakeImmich, key: str | None = "good-key", **cfg) -> ImmichSource:
-    values = dict(immich_url=fake.url, immich_ml_url=fake.ml_url, immich_api_key=key, immich_interval=0.1,
-                  immich_timeout=0.5)
-    values.update(cfg)
-    config = configmod.defaults().replace(**values)
-    journal = SourceState("journal", up=True, facts=MappingProxyType({"effective_provider": None}))
-    snap = Snapshot(1, MappingProxyType({"journal": journal}), MappingProxyType({}))
-    return ImmichSource(config, Hub(lambda: snap))
-
-
-def values(result: CollectResult, name: str) -> dict[tuple, float]:
-    out = {}
-    for s in result.samples:
-        check_sample(s)
-        if s.name == name:
-            out[tuple(v for _, v in s.labels)] = s.value
-    return out
-
 
 async def cycles(src: ImmichSource, n: int) -> list[CollectResult]:
     out = []
