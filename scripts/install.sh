@@ -18,6 +18,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 PREFIX=${PREFIX:-/opt/immich-gpu-exporter}
+# The unit runs it as its own unprivileged user: a root umask of 027/077 must not leave the venv unreadable.
+umask 022
 [ -x "$PREFIX/bin/pip" ] || python3 -m venv "$PREFIX"
 # Build from a throwaway copy: setuptools writes build/ and *.egg-info next to the sources, which
 # fails in a read-only clone, and a stale build/lib would put modules deleted by a `git pull`
