@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  python3 python3-venv python3-dev gcc pkg-config libsystemd-dev   # pystemd builds from source
-  systemd dbus util-linux systemd-journal-remote                   # real systemd/journald/dbus fixtures, journal files
+  python3 python3-venv python3-dev gcc libc6-dev pkg-config libsystemd-dev ca-certificates  # pystemd builds from
+                                                                    # source (see install.sh); gcc also builds the fake libnvidia-ml
+  systemd dbus systemd-journal-remote                              # real systemd/journald/dbus fixtures, journal files
+  util-linux mount                                                  # unshare, nsenter, mount for the nested systemd
   prometheus prometheus-alertmanager                                # promtool, a real Prometheus and Alertmanager
   nix-bin                                                           # nix-instantiate for the NixOS modules
 )
@@ -19,8 +21,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+[ -x .venv/bin/pip ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# Stop here to provision a machine (or check the install step) without running the suite.
+[ "${IMMICH_GPU_EXPORTER_TEST_INSTALL_ONLY:-0}" = 1 ] && { echo "test dependencies installed; suite not run" >&2; exit 0; }
 
 export IMMICH_GPU_EXPORTER_TEST_NO_SKIP=1
 exec .venv/bin/python -m pytest -q -rfEs "$@"
