@@ -40,8 +40,8 @@ from .core import CollectResult
 from .sources.base import Source
 from .sources.immich import ImmichSource, _Failed
 from .sources.journal import JournalSource
-from .sources.nvml import GpuReading, NvmlReading, ProcView, UtilSample, UtilTracker, component_gpu_memory, \
-    gpu_samples, process_samples
+from .sources.nvml import CpuTotals, GpuReading, NvmlReading, ProcView, UtilSample, UtilTracker, \
+    component_gpu_memory, gpu_samples, process_samples
 from .units import RLIM_INFINITY, UnitReading, normalize_unit_name, unit_facts, unit_samples
 
 log = logging.getLogger("immich_gpu_exporter.demo")
@@ -541,6 +541,7 @@ class DemoNvml(Source):
         self.scenario = scenario
         self.patterns = {"ml": tuple(config["component.ml"]), "server": tuple(config["component.server"])}
         self._tracker = UtilTracker(hold=15.0)
+        self._cpu = CpuTotals()
 
     @property
     def interval(self) -> float:
@@ -560,7 +561,7 @@ class DemoNvml(Source):
         utils = {g.uuid: self._tracker.update(g.uuid, g.samples, g.processes, t) for g in reading.gpus}
         self._tracker.forget_except((g.uuid, pid) for g in reading.gpus for pid in g.processes)
         samples = gpu_samples(reading, utils, views, bool(self.config["gpu.pid-labels"]))
-        samples += process_samples(groups)
+        samples += process_samples(groups, self._cpu.update(groups))
         gpu_pids = tuple(sorted(pid for g in reading.gpus for pid in g.processes))
         facts = {"component_gpu_memory": component_gpu_memory(reading, views, self.patterns), "gpu_pids": gpu_pids}
         return CollectResult(tuple(samples), facts, reading.errors)

@@ -165,7 +165,8 @@ _DEFS: list[MetricDef] = [
     _m("immich_process_resident_memory_bytes", "gauge", "Resident memory of the component's processes, summed.",
        _PROC_GROUP, "nvml"),
     _m("immich_process_cpu_seconds_total", "counter",
-       "CPU time of the component's live processes, summed (user + system).", _PROC_GROUP, "nvml"),
+       "CPU time (user + system) of the component's processes, those that exited since the exporter started "
+       "included, so it does not drop when the ML worker restarts.", _PROC_GROUP, "nvml"),
 ]
 
 METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}

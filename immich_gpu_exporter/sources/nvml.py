@@ -297,6 +297,7 @@ class ProcView:
     memlock: float | None = None
     rss: int | None = None
     cpu: float | None = None
+    start: int | None = None  # start time in clock ticks: tells a reused PID apart
 
 
 def gpu_samples(reading: NvmlReading, utils: Mapping[str, Mapping[int, Util]], procs: Mapping[int, ProcView],
@@ -339,8 +340,51 @@ def gpu_samples(reading: NvmlReading, utils: Mapping[str, Mapping[int, Util]], p
     return out
 
 
-def process_samples(groups: Mapping[attr.Identity, Sequence[ProcView]]) -> list[Sample]:
-    """The tuning in force per component group: lowest nice and memlock, summed RSS and CPU."""
+class CpuTotals:
+    """Keeps immich_process_cpu_seconds_total a real counter.
+
+    A plain sum over the group's live processes drops whenever one exits (the ML worker after every
+    idle timeout), which Prometheus reads as a counter reset and turns into a spike. So the CPU time
+    of a process that left the group is carried forward (as process-exporter does). A process that
+    comes back (group membership flickered because the systemd source missed a cycle) is taken off
+    the carried amount again, so nothing is counted twice. Keys are (pid, start time).
+    """
+
+    MAX_RETIRED = 512  # per group; a process gone for longer than that many exits is forgotten
+
+    def __init__(self) -> None:
+        self._live: dict[attr.Identity, dict[tuple[int, int | None], float]] = {}
+        self._retired: dict[attr.Identity, dict[tuple[int, int | None], float]] = {}
+        self._carried: dict[attr.Identity, float] = {}
+
+    def update(self, groups: Mapping[attr.Identity, Sequence[ProcView]]) -> dict[attr.Identity, float]:
+        out: dict[attr.Identity, float] = {}
+        for who in set(groups) | set(self._live):
+            cur = {(m.pid, m.start): m.cpu or 0.0 for m in groups.get(who, ()) if m.nice is not None}
+            retired = self._retired.setdefault(who, {})
+            carried = self._carried.get(who, 0.0)
+            for key, cpu in self._live.get(who, {}).items():
+                if key not in cur:
+                    retired[key] = cpu
+                    carried += cpu
+            for key in cur:
+                if key in retired:
+                    carried -= retired.pop(key)
+            while len(retired) > self.MAX_RETIRED:
+                retired.pop(next(iter(retired)))
+            self._carried[who] = carried
+            if cur:
+                self._live[who] = cur
+                out[who] = carried + sum(cur.values())
+            else:
+                self._live.pop(who, None)
+        return out
+
+
+def process_samples(groups: Mapping[attr.Identity, Sequence[ProcView]],
+                    cpu_totals: Mapping[attr.Identity, float] | None = None) -> list[Sample]:
+    """The tuning in force per component group: lowest nice and memlock, summed RSS; CPU seconds
+    from `cpu_totals` (CpuTotals, monotonic) or, without it, summed over the live processes."""
     out: list[Sample] = []
     for who, members in sorted(groups.items(), key=lambda kv: (kv[0].component, kv[0].unit, kv[0].container)):
         live = [m for m in members if m.nice is not None]
@@ -352,7 +396,8 @@ def process_samples(groups: Mapping[attr.Identity, Sequence[ProcView]]) -> list[
         if limits:
             out.append(sample("immich_process_memlock_limit_bytes", min(limits), **lab))
         out.append(sample("immich_process_resident_memory_bytes", sum(m.rss or 0 for m in live), **lab))
-        out.append(sample("immich_process_cpu_seconds_total", sum(m.cpu or 0.0 for m in live), **lab))
+        cpu = cpu_totals[who] if cpu_totals is not None and who in cpu_totals else sum(m.cpu or 0.0 for m in live)
+        out.append(sample("immich_process_cpu_seconds_total", cpu, **lab))
     return out
 
 
@@ -383,6 +428,7 @@ class NvmlSource(Source):
         self._table = attr.ProcessTable(config["proc.root"])
         self._docker = attr.DockerNames(config["docker.socket"])
         self._tracker = UtilTracker(hold=max(3 * self.interval, 15.0))
+        self._cpu = CpuTotals()
         self._mounts: dict[str, str] | None = None
 
     @property
@@ -480,7 +526,7 @@ class NvmlSource(Source):
             if info is None:  # gone, or in a PID namespace we cannot see
                 return ProcView(pid, "", attr.Identity(attr.OTHER, "", ""))
             return ProcView(pid, info.comm, attr.identity(info.placement, self.patterns, names),
-                            info.nice, info.memlock, info.rss_bytes, info.cpu_seconds)
+                            info.nice, info.memlock, info.rss_bytes, info.cpu_seconds, info.start_ticks)
 
         views = {pid: view(pid, info) for pid, info in infos.items()}
         # Immich groups seen on the GPU whose membership systemd does not already give.
@@ -509,7 +555,8 @@ class NvmlSource(Source):
         self._tracker.forget_except((g.uuid, pid) for g in reading.gpus for pid in g.processes)
 
         samples = gpu_samples(reading, utils, views, bool(self.config["gpu.pid-labels"]))
-        samples += process_samples({k: list(v.values()) for k, v in groups.items()})
+        grouped = {k: list(v.values()) for k, v in groups.items()}
+        samples += process_samples(grouped, self._cpu.update(grouped))
         facts = {
             "component_gpu_memory": component_gpu_memory(reading, views, self.patterns),
             "gpu_pids": tuple(sorted(views)),
