@@ -288,8 +288,10 @@ def test_process_table_agrees_with_psutil_on_live_processes():
             soft = p.rlimit(psutil.RLIMIT_MEMLOCK)[0]
             assert info.memlock == (math.inf if soft == psutil.RLIM_INFINITY else soft)
             # /proc/<pid>/stat and statm (psutil's source) read the kernel's RSS counters at different
-            # moments and through different paths; they agree to a few pages, not to the byte
-            assert abs(info.rss_bytes - p.memory_info().rss) <= 0.1 * p.memory_info().rss
+            # moments and through different paths; each thread caches up to 64 page faults before it
+            # syncs them (TASK_RSS_EVENTS_THRESH), so they agree to a few dozen pages, not to the byte
+            slack = max(0.1 * p.memory_info().rss, 80 * os.sysconf("SC_PAGE_SIZE") * p.num_threads())
+            assert abs(info.rss_bytes - p.memory_info().rss) <= slack
             assert abs(info.cpu_seconds - sum(p.cpu_times()[:2])) < 0.5
         assert table.lookup(child.pid).nice == 7 and table.lookup(child.pid).memlock == 1 << 20
     finally:
