@@ -101,7 +101,11 @@ class Exporter:
         self.proc = subprocess.Popen([self.python, "-m", "immich_gpu_exporter", *self.args], env=self.env,
                                      cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if self.log_path else subprocess.PIPE)
         if wait_ready:
-            wait_for(self._ready, timeout, what=f"exporter ready on {self.url}")
+            try:
+                wait_for(self._ready, timeout, what=f"exporter ready on {self.url}")
+            except BaseException:
+                self.stop(signal.SIGKILL)  # a `with` block never entered would leave it running
+                raise
         return self
 
     def _ready(self) -> bool:
