@@ -47,7 +47,7 @@ def _positive_float(v: Any) -> float:
     except (TypeError, ValueError):
         raise ValueError(f"expected a number of seconds, got {v!r}") from None
     if not f > 0 or f != f or f == float("inf"):
-        raise ValueError(f"must be a positive number of seconds, got {v!r}")
+        raise ValueError(f"must be a positive number, got {v!r}")
     return f
 
 
