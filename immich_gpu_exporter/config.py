@@ -226,6 +226,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("journal.fallback-grace", _positive_float, 120.0,
            "seconds a GPU provider may be preferred with models loaded but no GPU memory before it counts as "
            "a CPU fallback"),
+    Option("journal.nvidia-driver-path", _str_list, ("/proc/driver/nvidia/version", "/sys/module/nvidia"),
+           "host paths that exist when the NVIDIA kernel driver is loaded; none of them existing while an NVIDIA "
+           "provider is preferred means the ML service cannot be on the GPU (empty: skip this check, e.g. when "
+           "the ML service runs on another host)", repeatable=True, metavar="PATH"),
     Option("journal.backfill-entries", _positive_int, 5000,
            "at first start without a cursor, read back at most this many entries of the unit's last start"),
     # immich

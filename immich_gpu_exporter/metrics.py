@@ -92,7 +92,13 @@ _DEFS: list[MetricDef] = [
        "1 when a GPU execution provider is preferred but the ML service runs on CPU, else 0.", (), "journal"),
     _m("immich_ml_provider_errors_total", "counter",
        "Execution-provider failures seen in the ML log, by provider and kind (create_failed, library_load, "
-       "cuda_failure, ep_fallback, not_available, no_gpu_memory).", ("provider", "kind"), "journal"),
+       "cuda_failure, ep_fallback, not_available, no_gpu_memory, no_driver).", ("provider", "kind"), "journal"),
+    _m("immich_ml_workers", "gauge",
+       "Live ML worker processes by the execution provider their ONNX Runtime sessions really use ('none': no "
+       "session yet).", ("provider",), "journal"),
+    _m("immich_ml_session_crashes_total", "counter",
+       "ML workers that died by a crash signal (SIGSEGV, SIGABRT, ...) while creating an ONNX Runtime session.",
+       (), "journal"),
     _m("immich_ml_model_loads_total", "counter", "Model loads logged by the ML service.",
        ("model_type", "model_name"), "journal"),
     _m("immich_ml_model_loaded", "gauge", "1 while the model is loaded in the ML worker (0 after idle shutdown).",

@@ -25,10 +25,16 @@ from .core import Sample, sample
 CPU = "CPUExecutionProvider"
 # Providers whose memory NVML can see; only these take part in the GPU-memory cross-check.
 NVIDIA_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider"})
-ERROR_KINDS = ("create_failed", "library_load", "cuda_failure", "ep_fallback", "not_available", "no_gpu_memory")
-# Kinds that mean "this provider cannot run in this worker" (see MLState).
+ERROR_KINDS = ("create_failed", "library_load", "cuda_failure", "ep_fallback", "not_available", "no_gpu_memory",
+               "no_driver")
+# Kinds that ORT logs only while it creates an execution provider, so they are evidence of a fallback of
+# the session being created wherever they appear (docs/journal.md, "Evidence", E2-E4).
 BREAKING_KINDS = frozenset({"create_failed", "library_load", "ep_fallback", "not_available"})
 EXIT_REASONS = ("inactivity", "timeout", "oom_kill", "signal", "error")
+# Signals that mean the worker crashed (gunicorn: "was sent SIGSEGV!"; gunicorn < 20: "was sent code 139!").
+CRASH_SIGNALS = frozenset({"SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE", "code 139", "code 134", "code 135",
+                           "code 132", "code 136"})
+NO_SESSION = "none"  # immich_ml_workers{provider} of a live worker without a session (or one still being judged)
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # Cardinality caps: beyond them a new value is exposed as "other".
@@ -38,7 +44,6 @@ MAX_UNITS = 16
 MAX_WORKERS = 64  # worker records kept (live ones plus recently exited, for exit de-duplication)
 MAX_RECORD_LINES = 200  # a longer Rich record (a huge traceback) is cut; the rest is still "continuation"
 MAX_EP_BLOCK_LINES = 60
-LATE_RECORD_S = 300.0  # see MLState._set_effective
 OTHER = "other"
 
 
@@ -161,7 +166,8 @@ def _sent(m: re.Match[str]) -> Any:
     sig = m.group("sig")
     if sig == "SIGKILL" or sig == "code 9":
         return ("worker_exit", m.group("pid"), "oom_kill")
-    return ("worker_exit", m.group("pid"), "signal")
+    # "crash" is counted as reason "signal"; MLState also needs to know it was not a requested stop
+    return ("worker_exit", m.group("pid"), "crash" if sig in CRASH_SIGNALS else "signal")
 
 
 def _error(kind: str, provider: str | None = None) -> Callable[[re.Match[str]], Any]:
@@ -200,6 +206,10 @@ RULES: tuple[Rule, ...] = (
        _error("library_load")),
     _r("not_available", "is not in available provider names",
        r"Specified provider '(?P<provider>\w+)' is not in available provider names", _error("not_available")),
+    # device enumeration failing (no driver, a driver too old, no device visible): ORT enumerates devices
+    # only while it creates the CUDA provider, so inside a session's creation this is fallback evidence
+    _r("device_unavailable", "cudaGetDeviceCount", r"\bCUDA failure -?\d+\b[^\n]*?expr=cudaGetDeviceCount\b",
+       lambda m: ("device_error", "CUDAExecutionProvider", "cuda_failure")),
     _r("cuda_failure", "failure", r"\b(?:CUDA|CU(?:DNN|BLAS|FFT|RAND|SPARSE|SOLVER)\w*|NCCL) failure -?\d+", _error("cuda_failure", "CUDAExecutionProvider")),
     _r("cuda_error", ("CUDA error", "cudaError"), r"\bCUDA error\b|\bcudaError\w+", _error("cuda_failure", "CUDAExecutionProvider")),
     _r("hip_failure", ("failure", "hipError"), r"\b(?:HIP|MIOPEN|ROCBLAS|HIPBLAS|MIGRAPHX) failure -?\d+|\bhipError\w+", _error("cuda_failure")),
@@ -477,12 +487,19 @@ def _is_gpu(provider: str | None) -> bool:
     return bool(provider) and provider != CPU and provider != OTHER
 
 
-class MLState:
-    """The ML service as the journal (and NVML) describe it.
+SETTLE_S = 30.0  # see MLState.settle
+MAX_SESSIONS = 16  # sessions kept per worker (a model reload replaces that model's sessions)
+UNJUDGED = ""  # MLState.verdict after a worker crashed creating its session: no provider at all
 
-    Implements the provider rules written down once, in docs/journal.md ("Provider rules"; the
-    numbers in comments below refer to them): 1 worker identity, 2 preferred provider, 3 broken
-    providers, 4 effective provider, 5 GPU-memory cross-check, 6 cpu_fallback.
+
+class MLState:
+    """The ML service as the journal (and NVML and the host) describe it.
+
+    Implements the rules written down once, in docs/journal.md ("Provider rules" and "Evidence"; the
+    names in comments below refer to them). In short: every `Setting execution providers` line opens an
+    ONNX Runtime *session* of its worker, pending until evidence judges it (fell back, crashed) or the
+    worker moves on (ok). A worker's provider is what its sessions really use; the unit's verdict
+    (`verdict`) follows the live workers and keeps its last value while they have no judged session.
     """
 
     def __init__(self, grace: float = 120.0) -> None:
@@ -491,26 +508,30 @@ class MLState:
         self.model_loads: dict[tuple[str, str], int] = {}
         self.exits: dict[str, int] = {}
         self.boots = 0
+        self.session_crashes = 0
         self.entries: dict[tuple[str, str], int] = {}
         self.unrecognized: dict[str, int] = {}
         self.providers_seen: list[str] = []
         self.models_seen: list[tuple[str, str]] = []
         self.units_seen: list[str] = []
         self.preferred: str | None = None
-        self.log_effective: str | None = None
-        # worker key "group\0pid" -> {"providers": [...], "broken": [...], "effective": str|None,
-        #                              "models": [[type, name], ...], "exited": bool}
+        # the unit's effective provider as the log shows it: None before any session, UNJUDGED after a
+        # crash while creating a session (no provider), else a provider name
+        self.verdict: str | None = None
+        # worker key "group\0pid" -> {"sessions": [{"p": [...], "st": pending|ok|fell_back|crashed,
+        #   "to": provider after a fallback, "conf": EP Error block seen, "m": [type, name] or None,
+        #   "t": unix time}], "models": [[type, name], ...], "exited": bool, "since": unix time, "model": [...]}
         self.workers: dict[str, dict[str, Any]] = {}
         self.current: dict[str, str] = {}  # group -> pid of the worker that booted last (containers)
         self.server_healthy: bool | None = None
         self.last_change: float | None = None
-        self.last_provider_time: float | None = None  # journal time of the latest provider event applied
         self.no_gpu_since: float | None = None
         self.nvml_fallback = False
+        self.host_driver: bool | None = None  # NVIDIA kernel driver on this host (None: not checked)
 
     # -- persistence ---------------------------------------------------------------------------
-    _PERSIST = ("boots", "providers_seen", "units_seen", "preferred", "log_effective", "workers", "current",
-                "server_healthy", "last_change", "last_provider_time")
+    _PERSIST = ("boots", "session_crashes", "providers_seen", "units_seen", "preferred", "verdict", "workers",
+                "current", "server_healthy", "last_change")
 
     def dump(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self._PERSIST}
@@ -526,6 +547,10 @@ class MLState:
         for k in self._PERSIST:
             if k in d:
                 setattr(self, k, d[k])
+        if "verdict" not in d and d.get("log_effective"):  # a state file written before sessions existed
+            self.verdict = d["log_effective"]
+        for w in self.workers.values():
+            w.setdefault("sessions", [])
         self.errors = {(p, k): int(n) for p, k, n in d.get("errors", ())}
         self.model_loads = {(t, m): int(n) for t, m, n in d.get("model_loads", ())}
         self.models_seen = [(t, m) for t, m in d.get("models_seen", ())]
@@ -569,31 +594,99 @@ class MLState:
                 # drop exited workers first, then the oldest
                 victim = next((k for k, v in self.workers.items() if v["exited"]), next(iter(self.workers)))
                 del self.workers[victim]
-            w = self.workers[key] = {"providers": [], "broken": [], "effective": None, "models": [], "exited": False,
-                                     "since": event_time(ev.ts)}
+            w = self.workers[key] = {"sessions": [], "models": [], "exited": False, "since": event_time(ev.ts),
+                                     "model": None}
         return w
 
     @staticmethod
-    def _recompute(w: dict[str, Any]) -> None:
-        if w["providers"]:
-            w["effective"] = next((p for p in w["providers"] if p not in w["broken"]), CPU)
-        elif w["effective"] in w["broken"]:
-            w["effective"] = CPU
+    def _settle(w: dict[str, Any]) -> None:
+        """The worker moved on (its next model load, its next session, its idle shutdown): every session
+        still pending was created without evidence against it. Rule "ok"."""
+        for s in w["sessions"]:
+            if s["st"] == "pending":
+                s["st"] = "ok"
 
-    def _set_effective(self, p: str | None, ts: Any) -> None:
-        # Rule 4 "logged last" is journal time: a wrapped record of one worker is completed (and its
-        # event applied) only at its stream's next line or at quiet, possibly after another worker's
-        # later lines; such a late record updates its own worker but not the exporter's choice.
-        # Only a few minutes back counts as "late": a clock stepped backwards (no RTC) must not freeze it.
-        t = event_time(ts)
-        if t is not None:
-            last = self.last_provider_time
-            if last is not None and 0 < last - t < LATE_RECORD_S:
-                return
-            self.last_provider_time = t
-        if p is not None and p != self.log_effective:
-            self.log_effective = p
+    @staticmethod
+    def _standing(w: dict[str, Any]) -> tuple[str, str] | None:
+        """(state, provider) of one worker: fell_back beats ok beats pending; None without a session."""
+        best: tuple[str, str] | None = None
+        for s in w["sessions"]:
+            st = s["st"]
+            if st == "fell_back":
+                return ("fell_back", s["to"] or CPU)
+            if st == "ok" and (best is None or best[0] == "pending"):
+                best = ("ok", s["p"][0])
+            elif st == "pending" and best is None:
+                best = ("pending", s["p"][0])
+        return best
+
+    def _judge(self, ts: Any, crashed: bool = False, late: dict[str, Any] | None = None) -> None:
+        """The unit's verdict from its live workers (rule "unit"). Pending sessions decide only before
+        any verdict exists, so a fresh worker never flips a standing verdict (reboots, idle cycles, a
+        crash loop); a crash while creating a session leaves no provider; `late`: an exited worker whose
+        session was judged after it exited (its late EP Error block) speaks when no live worker does."""
+        fell: list[str] = []
+        ok: list[str] = []
+        pending: list[str] = []
+        for w in self.workers.values():
+            if w["exited"]:
+                continue
+            st = self._standing(w)
+            if st is not None:
+                (fell if st[0] == "fell_back" else ok if st[0] == "ok" else pending).append(st[1])
+        if fell:
+            new = CPU if CPU in fell else fell[-1]
+        elif ok:
+            new = ok[-1]
+        elif crashed:
+            new = UNJUDGED
+        elif late is not None and (st := self._standing(late)) is not None and st[0] == "fell_back":
+            new = st[1]
+        elif pending and self.verdict is None:
+            new = pending[-1]
+        else:
+            new = self.verdict
+        if new != self.verdict:
+            self.verdict = new
             self.last_change = event_time(ts) or self.last_change
+
+    def _evidence(self, w: dict[str, Any], prov: str, ts: Any, block: bool = False,
+                  fallback_to: tuple[str, ...] = ()) -> None:
+        """Evidence that one session of `w` does not run on `prov`: the oldest pending session (ORT's
+        native lines come while the session is created), or for an EP Error block the worker's latest
+        session (the block is printed before anything else the worker writes to stdout). A session that
+        is already judged is not judged again (a late block confirms it, nothing counts twice)."""
+        sessions = w["sessions"]
+        s = sessions[-1] if block and sessions else next((x for x in sessions if x["st"] == "pending"), None)
+        if s is None and sessions and sessions[-1]["st"] == "ok":
+            s = sessions[-1]  # settled by a concurrent request's lines before its own evidence arrived
+        if s is None:
+            # the read window began after the session's provider line: the failing provider was requested
+            s = {"p": [prov] + [p for p in fallback_to if p != prov] or [prov, CPU], "st": "pending", "to": None,
+                 "conf": False, "m": w.get("model"), "t": event_time(ts)}
+            if s["p"] == [prov]:
+                s["p"].append(CPU)
+            sessions.append(s)
+            if self.preferred is None:
+                self.preferred = prov
+        if s["st"] == "fell_back":
+            s["conf"] = s["conf"] or block
+            return
+        if s["st"] == "crashed":
+            return
+        s["st"] = "fell_back"
+        s["conf"] = block
+        s["to"] = next((self._provider(p) for p in (fallback_to or s["p"]) if p != prov), CPU)
+
+    def _open_session(self, w: dict[str, Any], providers: list[str], ts: Any) -> None:
+        self._settle(w)
+        model = w.get("model")
+        sessions = w["sessions"]
+        # no evidence can fail a CPU-only (or unknown-first) list: it is what it says
+        st = "pending" if _is_gpu(providers[0]) else "ok"
+        sessions.append({"p": providers, "st": st, "to": None, "conf": False, "m": model, "t": event_time(ts)})
+        if len(sessions) > MAX_SESSIONS:
+            del sessions[0]
 
     # -- events --------------------------------------------------------------------------------
     def apply(self, ev: Event) -> None:
@@ -604,46 +697,58 @@ class MLState:
         elif k == "unrecognized":
             u = self._unit(ev.group)
             self.unrecognized[u] = self.unrecognized.get(u, 0) + ev.a
-        elif k == "providers":  # rules 2 and 4
+        elif k == "providers":  # rule "session"
             w = self._worker(ev)
-            w["providers"] = [self._provider(p) for p in ev.a]
-            self._recompute(w)
-            self.preferred = w["providers"][0]
-            self._set_effective(w["effective"], ev.ts)
-        elif k == "provider_error":  # rule 3
+            providers = [self._provider(p) for p in ev.a]
+            self._open_session(w, providers, ev.ts)
+            self.preferred = providers[0]
+            self._judge(ev.ts)
+        elif k == "provider_error":  # evidence E2, E3 (and counted-only kinds)
             w = self._worker(ev)
-            prov = ev.a or (w["providers"][0] if w["providers"] else self.preferred) or "unknown"
+            sessions = w["sessions"]
+            prov = ev.a or (sessions[-1]["p"][0] if sessions else self.preferred) or "unknown"
             prov = self._provider(prov)
             self.errors[(prov, ev.b)] = self.errors.get((prov, ev.b), 0) + 1
             if ev.b in BREAKING_KINDS and prov != CPU:
-                if self.preferred is None:  # the window began after the provider line: P was requested
-                    self.preferred = prov
-                if prov not in w["broken"]:
-                    w["broken"].append(prov)
-                if w["effective"] is None:
-                    w["effective"] = prov
-                self._recompute(w)
-                self._set_effective(w["effective"], ev.ts)
-        elif k == "fallback":  # rules 3 and 4 (EP Error block)
+                self._evidence(w, prov, ev.ts)
+                self._judge(ev.ts, late=w if w["exited"] else None)
+        elif k == "device_error":  # evidence E1: only inside a session's creation
             w = self._worker(ev)
-            prov = ev.a or (w["providers"][0] if w["providers"] else self.preferred) or "unknown"
+            prov = self._provider(ev.a)
+            self.errors[(prov, ev.b)] = self.errors.get((prov, ev.b), 0) + 1
+            sessions = w["sessions"]
+            creating = any(s["st"] == "pending" and s["p"][0] in NVIDIA_PROVIDERS for s in sessions)
+            if creating or not sessions:
+                self._evidence(w, prov, ev.ts)
+                self._judge(ev.ts, late=w if w["exited"] else None)
+        elif k == "fallback":  # evidence E4 (EP Error block)
+            w = self._worker(ev)
+            if not w["sessions"] and ev.group in self.current:
+                # Docker/podman: _PID names no worker and the block came after the worker that printed
+                # it was replaced; a fresh worker cannot own it (its own provider line would come first)
+                w = self._last_worker_with_sessions(ev.group) or w
+            sessions = w["sessions"]
+            prov = ev.a or (sessions[-1]["p"][0] if sessions else self.preferred) or "unknown"
             prov = self._provider(prov)
             self.errors[(prov, "ep_fallback")] = self.errors.get((prov, "ep_fallback"), 0) + 1
-            if prov != CPU and prov not in w["broken"]:
-                w["broken"].append(prov)
-            target = next((self._provider(p) for p in ev.b if p not in w["broken"]), CPU) if ev.b else None
-            w["effective"] = target or CPU
-            if not w["providers"] and ev.b:
-                w["providers"] = [prov] + [self._provider(p) for p in ev.b]
-            self._set_effective(w["effective"], ev.ts)
+            if prov != CPU:
+                self._evidence(w, prov, ev.ts, block=True, fallback_to=tuple(ev.b or ()))
+                self._judge(ev.ts, late=w if w["exited"] else None)
         elif k == "model_load":
             key = self._model((ev.a, ev.b))
             self.model_loads[key] = self.model_loads.get(key, 0) + 1
             w = self._worker(ev)
+            self._settle(w)
+            # a reload replaces that model's sessions (the cache dropped the old ones)
+            w["sessions"] = [s for s in w["sessions"] if s.get("m") != list(key)]
+            w["model"] = list(key)
             if list(key) not in w["models"]:
                 w["models"].append(list(key))
+            self._judge(ev.ts)
         elif k == "idle_shutdown":
             w = self._worker(ev)
+            self._settle(w)
+            self._judge(ev.ts)  # its sessions count once more before it leaves the live workers
             self._exit(w, "inactivity")
         elif k == "worker_boot":
             self.boots += 1
@@ -655,12 +760,27 @@ class MLState:
             self._worker(ev, pid=ev.a)
         elif k == "worker_exit":
             w = self._worker(ev, pid=self._pid_for(ev), create=True)
-            self._exit(w, ev.b)
+            crashed = False
+            if ev.b == "crash" and not w["exited"]:
+                for s in w["sessions"]:
+                    if s["st"] == "pending":  # rule "crash": it ran on no provider
+                        s["st"] = "crashed"
+                        crashed = True
+                if crashed:
+                    self.session_crashes += 1
+            elif ev.b == "signal" and not w["exited"]:
+                # a requested stop (SIGTERM, SIGINT, SIGQUIT): ORT had finished creating its sessions, and
+                # the worker's stdout (an EP Error block) was flushed before it exited
+                self._settle(w)
+                self._judge(ev.ts)
+            self._exit(w, "signal" if ev.b == "crash" else ev.b)
+            self._judge(ev.ts, crashed=crashed)
         elif k == "worker_gone":
             w = self._worker(ev, pid=self._pid_for(ev), create=False)
             if w is not None:
                 w["models"] = []
                 w["exited"] = True
+                self._judge(ev.ts)
         elif k in ("arbiter_start", "arbiter_stop"):
             # Only workers that existed before the arbiter line: an old master's "Shutting down:
             # Master" can be completed (and applied) after the new master's worker booted, when both
@@ -671,8 +791,17 @@ class MLState:
                 if key.startswith(prefix) and not (t is not None and since is not None and since > t):
                     w["models"] = []
                     w["exited"] = True
+            self._judge(ev.ts)
         elif k == "server_health":
             self.server_healthy = bool(ev.a)
+
+    def _last_worker_with_sessions(self, group: str) -> dict[str, Any] | None:
+        prefix = group + "\x00"
+        found = None
+        for key, w in self.workers.items():  # insertion order: the last match booted last
+            if key.startswith(prefix) and w["exited"] and w["sessions"]:
+                found = w
+        return found
 
     def _pid_for(self, ev: Event) -> str:
         # gunicorn names the worker; on systemd hosts that is also its _PID, in a container its
@@ -687,7 +816,21 @@ class MLState:
         w["exited"] = True
         w["models"] = []
 
-    # -- NVML cross-check ----------------------------------------------------------------------
+    # -- time, NVML and host ---------------------------------------------------------------------
+    def settle(self, now: float) -> None:
+        """A session pending for SETTLE_S without evidence was created (rule "ok"): ORT's creation
+        errors and a crash come within a second or two of the provider line."""
+        changed = False
+        for w in self.workers.values():
+            if w["exited"]:
+                continue
+            for s in w["sessions"]:
+                if s["st"] == "pending" and s.get("t") is not None and now - s["t"] >= SETTLE_S:
+                    s["st"] = "ok"
+                    changed = True
+        if changed:
+            self._judge(int(now * 1e6))
+
     def loaded_models(self) -> set[tuple[str, str]]:
         out: set[tuple[str, str]] = set()
         for w in self.workers.values():
@@ -695,10 +838,21 @@ class MLState:
                 out.update((t, m) for t, m in w["models"])
         return out
 
-    def observe_gpu(self, now: float, ml_gpu_bytes: float | None) -> None:  # rule 5
+    def observe_host(self, now: float, nvidia_driver: bool | None) -> None:  # evidence H1
+        """nvidia_driver: whether this host has the NVIDIA kernel driver loaded (None: not checked)."""
+        before = self.effective
+        self.host_driver = nvidia_driver
+        after = self.effective
+        if after != before:
+            self.last_change = now
+            if after == CPU and nvidia_driver is False and self.preferred:
+                key = (self._provider(self.preferred), "no_driver")
+                self.errors[key] = self.errors.get(key, 0) + 1
+
+    def observe_gpu(self, now: float, ml_gpu_bytes: float | None) -> None:  # evidence H2
         """ml_gpu_bytes: the ML component's GPU memory from NVML, None while NVML is not up."""
         armed = (ml_gpu_bytes is not None and ml_gpu_bytes <= 0 and self.preferred in NVIDIA_PROVIDERS
-                 and self.log_effective == self.preferred and bool(self.loaded_models()))
+                 and self.verdict == self.preferred and bool(self.loaded_models()))
         if not armed:
             self.no_gpu_since = None
             if self.nvml_fallback:
@@ -716,13 +870,31 @@ class MLState:
     # -- outputs -------------------------------------------------------------------------------
     @property
     def effective(self) -> str | None:
-        if self.nvml_fallback:
+        v = self.verdict or None
+        if v in NVIDIA_PROVIDERS and (self.nvml_fallback or self.host_driver is False):
             return CPU
-        return self.log_effective
+        return v
 
     @property
     def cpu_fallback(self) -> bool:
         return _is_gpu(self.preferred) and self.effective == CPU
+
+    def worker_providers(self) -> dict[str, int]:
+        """Live workers by the provider their sessions really use (NO_SESSION: none yet, or one that is
+        still being created while the unit stands on another verdict)."""
+        out: dict[str, int] = {}
+        for w in self.workers.values():
+            if w["exited"]:
+                continue
+            st = self._standing(w)
+            if st is None or (st[0] == "pending" and self.verdict not in (None, st[1])):
+                p = NO_SESSION
+            elif st[1] in NVIDIA_PROVIDERS and self.host_driver is False:
+                p = CPU
+            else:
+                p = st[1]
+            out[p] = out.get(p, 0) + 1
+        return out
 
     def facts(self) -> dict[str, Any]:
         return {"effective_provider": self.effective, "preferred_provider": self.preferred,
@@ -734,11 +906,16 @@ class MLState:
         seen = list(self.providers_seen)
         if eff is not None and eff not in seen:
             seen.append(eff)
-        if eff is not None:
+        if eff is not None or self.verdict == UNJUDGED:
+            # after a crash while creating a session every provider is 0: it ran on none
             out.extend(sample("immich_ml_execution_provider", p == eff, provider=p) for p in seen)
         if pref is not None:
             out.extend(sample("immich_ml_preferred_execution_provider", p == pref, provider=p) for p in seen)
         out.append(sample("immich_ml_cpu_fallback", self.cpu_fallback))
+        if self.workers or self.boots:
+            live = self.worker_providers()
+            out.extend(sample("immich_ml_workers", live.get(p, 0), provider=p)
+                       for p in seen + [p for p in live if p not in seen])
         # Counters exist at 0 before their first event, so that increase() sees that event too
         # (an alert on the first OOM kill or the first provider failure after a restart).
         error_providers = {p for p, _ in self.errors} | ({pref} if _is_gpu(pref) else set())
@@ -751,6 +928,7 @@ class MLState:
             out.append(sample("immich_ml_model_loaded", key in loaded, model_type=key[0], model_name=key[1]))
         out.extend(sample("immich_ml_worker_exits_total", self.exits.get(r, 0), reason=r) for r in EXIT_REASONS)
         out.append(sample("immich_ml_worker_boots_total", self.boots))
+        out.append(sample("immich_ml_session_crashes_total", self.session_crashes))
         if self.server_healthy is not None:
             out.append(sample("immich_ml_server_healthy", self.server_healthy))
         out.extend(sample("immich_ml_log_entries_total", n, unit=u, level=lv)

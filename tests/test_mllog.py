@@ -59,8 +59,8 @@ CLASSIFY = [
     ("WORKER TIMEOUT (pid:17)", ("worker_exit", "17", "timeout")),
     ("Worker (pid:17) was sent SIGKILL! Perhaps out of memory?", ("worker_exit", "17", "oom_kill")),
     ("Worker (pid:17) was sent SIGTERM!", ("worker_exit", "17", "signal")),
-    ("Worker (pid:17) was sent SIGSEGV!", ("worker_exit", "17", "signal")),
-    ("Worker (pid:550) was sent code 139!", ("worker_exit", "550", "signal")),
+    ("Worker (pid:17) was sent SIGSEGV!", ("worker_exit", "17", "crash")),
+    ("Worker (pid:550) was sent code 139!", ("worker_exit", "550", "crash")),
     ("Worker (pid:17) exited with code 1.", ("worker_exit", "17", "error")),
     ("Worker (pid:17) exited with code 3", ("worker_exit", "17", "error")),
     ("Worker exiting (pid: 17)", ("worker_gone", "17", None)),
@@ -214,10 +214,13 @@ def test_creation_failure_before_the_provider_line_also_means_cpu():
 def test_failure_stays_for_the_worker_but_a_new_worker_starts_clean():
     s = run([PROVIDERS, CREATE_FAILED, PROVIDERS], pid=10)
     assert s.effective == CPU  # second model load in the same broken worker
+    s = run(["[07/30/26 12:09:59] INFO     Shutting down due to inactivity."], state=s, pid=10)
     s = run(["[07/30/26 12:10:00] INFO     Booting worker with pid: 11"], state=s, pid=11)
     assert s.effective == CPU  # nothing new known yet
     s = run([PROVIDERS], state=s, pid=11)
-    assert (s.effective, s.cpu_fallback) == (CUDA, False)
+    assert s.effective == CPU  # a session still being created does not flip a standing verdict
+    s = run(["[07/30/26 12:10:05] INFO     Loading textual model 'ViT-B-32__openai' to memory"], state=s, pid=11)
+    assert (s.effective, s.cpu_fallback) == (CUDA, False)  # created without evidence: the worker moved on
 
 
 def test_runtime_cuda_failure_alone_does_not_switch_to_cpu():

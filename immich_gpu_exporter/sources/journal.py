@@ -124,6 +124,15 @@ def find_journal_files(directory: str | None) -> SourceDown | None:
     return None
 
 
+def nvidia_driver_loaded(paths: tuple[str, ...]) -> bool | None:
+    """Whether the NVIDIA kernel driver is loaded on this host, from host facts that do not depend on the
+    exporter's own device access (/proc/driver/nvidia/version, /sys/module/nvidia exist whenever the
+    module is loaded, even where a sandbox hides /dev/nvidia*). None: the check is off (no paths)."""
+    if not paths:
+        return None
+    return any(os.path.exists(p) for p in paths)
+
+
 def _first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), text.strip())
 
@@ -152,6 +161,7 @@ class JournalSource(Source):
         self.containers = tuple(config["journal.container-name"])
         self.server_containers: tuple[str, ...] = tuple(config["journal.server-container-name"])
         self.directory = config["journal.directory"]
+        self.driver_paths = tuple(config["journal.nvidia-driver-path"])
         self.parser = Parser(self.server_units, self.server_containers)
         self.ml = MLState(float(config["journal.fallback-grace"]))
         self.cursor: str | None = None
@@ -453,12 +463,15 @@ class JournalSource(Source):
             await self._read_window()
         elif self._down is not None:
             raise self._down
+        now = time.time()
+        self.ml.settle(now)
+        self.ml.observe_host(now, nvidia_driver_loaded(self.driver_paths))
         nvml = self.hub.facts("nvml")
         if nvml:
             mem = (nvml.get("component_gpu_memory") or {}).get("ml") or 0
-            self.ml.observe_gpu(time.time(), float(mem))
+            self.ml.observe_gpu(now, float(mem))
         else:
-            self.ml.observe_gpu(time.time(), None)
+            self.ml.observe_gpu(now, None)
         if self._follow_mode:
             await self._persist()
         return CollectResult(tuple(self.ml.samples()), self.ml.facts())
