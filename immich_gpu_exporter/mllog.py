@@ -44,6 +44,7 @@ MAX_UNITS = 16
 MAX_WORKERS = 64  # worker records kept (live ones plus recently exited, for exit de-duplication)
 MAX_RECORD_LINES = 200  # a longer Rich record (a huge traceback) is cut; the rest is still "continuation"
 MAX_EP_BLOCK_LINES = 60
+STALE_RECORD_US = 150_000  # journal time after which another stream's entry completes a pending record
 OTHER = "other"
 
 
@@ -307,6 +308,8 @@ class Parser:
                 pid = field_text(pid) if isinstance(pid, list) else str(pid)
             server = group in self.server_units
         ts = entry.get("__REALTIME_TIMESTAMP") or 0  # microseconds; converted only where used (event_time)
+        if self.pending:
+            self._close_stale(ts, out)
         text = entry.get("MESSAGE")
         if type(text) is not str:
             text = message_text(text)
@@ -336,6 +339,23 @@ class Parser:
         # count the entry once, with the level of its first line
         out.insert(0, Event("log", group, pid, ts, level or _PRIORITY.get(str(entry.get("PRIORITY")), "info"), 1))
         return out
+
+    def _close_stale(self, ts: Any, out: list[Event]) -> None:
+        """Close other streams' records that are older than STALE_RECORD_US in journal time. Rich writes a
+        record's lines in one write(), so its continuations carry (almost) its first line's time; a record
+        whose process died after writing it (a worker crashing in ORT right after its provider line) gets
+        no next line, and reading a backlog has no quiet moment to complete it, so without this its events
+        would come after those of later lines (the master's "was sent SIGSEGV!")."""
+        try:
+            now = int(ts)
+        except (TypeError, ValueError):
+            return
+        for key, rec in list(self.pending.items()):
+            try:
+                if now - int(rec[6]) > STALE_RECORD_US:
+                    self._close(key, out)
+            except (TypeError, ValueError):
+                continue
 
     def flush(self) -> list[Event]:
         out: list[Event] = []

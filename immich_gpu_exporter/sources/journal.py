@@ -463,7 +463,15 @@ class JournalSource(Source):
             await self._read_window()
         elif self._down is not None:
             raise self._down
-        now = time.time()
+        result = self.observe(time.time())
+        if self._follow_mode:
+            await self._persist()
+        return result
+
+    def observe(self, now: float) -> CollectResult:
+        """What the source reports at `now` from the entries applied so far: pending sessions settle by
+        time, the host's NVIDIA driver and NVML's view of the ML processes are checked (docs/journal.md,
+        "Evidence")."""
         self.ml.settle(now)
         self.ml.observe_host(now, nvidia_driver_loaded(self.driver_paths))
         nvml = self.hub.facts("nvml")
@@ -472,8 +480,6 @@ class JournalSource(Source):
             self.ml.observe_gpu(now, float(mem))
         else:
             self.ml.observe_gpu(now, None)
-        if self._follow_mode:
-            await self._persist()
         return CollectResult(tuple(self.ml.samples()), self.ml.facts())
 
     async def _read_window(self) -> None:
