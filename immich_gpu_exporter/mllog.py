@@ -26,7 +26,7 @@ CPU = "CPUExecutionProvider"
 # Providers whose memory NVML can see; only these take part in the GPU-memory cross-check.
 NVIDIA_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider"})
 ERROR_KINDS = ("create_failed", "library_load", "cuda_failure", "ep_fallback", "not_available", "no_gpu_memory",
-               "no_driver")
+               "no_driver", "run_failed")
 # Kinds that ORT logs only while it creates an execution provider, so they are evidence of a fallback of
 # the session being created wherever they appear (docs/journal.md, "Evidence", E2-E4).
 BREAKING_KINDS = frozenset({"create_failed", "library_load", "ep_fallback", "not_available"})
@@ -214,6 +214,8 @@ RULES: tuple[Rule, ...] = (
     _r("cuda_failure", "failure", r"\b(?:CUDA|CU(?:DNN|BLAS|FFT|RAND|SPARSE|SOLVER)\w*|NCCL) failure -?\d+", _error("cuda_failure", "CUDAExecutionProvider")),
     _r("cuda_error", ("CUDA error", "cudaError"), r"\bCUDA error\b|\bcudaError\w+", _error("cuda_failure", "CUDAExecutionProvider")),
     _r("hip_failure", ("failure", "hipError"), r"\b(?:HIP|MIOPEN|ROCBLAS|HIPBLAS|MIGRAPHX) failure -?\d+|\bhipError\w+", _error("cuda_failure")),
+    # a session that is already running failed one request (counted, never a fallback: docs/journal.md)
+    _r("run_failed", "Non-zero status code", r"Non-zero status code returned while running", _error("run_failed")),
     # --- server (immich-server) --------------------------------------------------------------
     _r("server_health", "Machine learning server became", r"Machine learning server became (?P<h>healthy|unhealthy)",
        lambda m: ("server_health", m.group("h") == "healthy", None)),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -41,9 +42,13 @@ from tests.support.journal import BOOT_ID, export_entry, write_journal
 
 REAL_ML = pathlib.Path(__file__).resolve().parent / "fixtures" / "real-ml"
 CAPTURES = sorted(p.parent for p in REAL_ML.glob("*/manifest.json"))
+SYNTHETIC_ML = pathlib.Path(__file__).resolve().parent / "fixtures" / "synthetic-ml"
+SYNTHETIC = sorted(p.parent for p in SYNTHETIC_ML.glob("*/manifest.json"))
+GPU_MEMORY = {"component_gpu_memory": {"ml": 812 << 20}}  # the NVML source's fact: the ML processes' GPU memory
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 ML_CONTAINER = "immich_machine_learning"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 pytestmark = pytest.mark.skipif(not os.access("/lib/systemd/systemd-journal-remote", os.X_OK),
                                 reason="systemd-journal-remote is not installed")
@@ -169,8 +174,13 @@ def start_index(manifest: dict[str, Any], entries: list[dict[str, Any]]) -> int:
             if int(e["__REALTIME_TIMESTAMP"]) == ev["realtime_us"] and str(e.get("_PID")) == str(ev["pid"]):
                 return i
         raise AssertionError(f"first evidence not found: {ev}")
+    # no evidence: from the first session on, once its provider record (three wrapped entries that journald
+    # may time-stamp after the session's creation began) is complete
     first = min(s["create_realtime_us"] for s in truth["sessions"])
-    return next(i for i, e in enumerate(entries) if int(e["__REALTIME_TIMESTAMP"]) >= first)
+    i = next(i for i, e in enumerate(entries) if int(e["__REALTIME_TIMESTAMP"]) >= first)
+    while i + 1 < len(entries) and ANSI.sub("", message(entries[i + 1])).startswith(" " * 20):
+        i += 1  # a Rich continuation: the record is complete at its last entry
+    return i
 
 
 def replay(fx: pathlib.Path, jdir: pathlib.Path, driver: bool = True, nvml: dict[str, Any] | None = None):
@@ -257,3 +267,41 @@ def test_reading_a_whole_capture_at_once_ends_at_the_final_truth(fx, tmp_path):
     assert (pref, eff, fb) == want
     crashes = sum(1 for s in manifest["truth"]["sessions"] if s["outcome"].startswith("worker_died"))
     assert src.ml.session_crashes == crashes
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic negative cases (tests/fixtures/synthetic-ml: a real capture with its evidence removed)
+# --------------------------------------------------------------------------------------------------
+def test_synthetic_fixtures_say_so():
+    assert SYNTHETIC
+    for fx in SYNTHETIC:
+        m = json.loads((fx / "manifest.json").read_text())
+        assert m["synthetic"] is True and m["description"].startswith("SYNTHETIC")
+
+
+@pytest.mark.parametrize("fx", SYNTHETIC, ids=lambda p: p.name)
+def test_healthy_cuda_is_never_a_fallback_at_any_moment(fx, tmp_path):
+    checked = 0
+    for i, e, start, want, got, workers in replay(fx, tmp_path, nvml=GPU_MEMORY):
+        assert got[2] is False, (i, message(e))
+        if i >= start:
+            assert got == want == (CUDA, CUDA, False), (i, message(e), got, want)
+            assert workers.get(CPU, 0) == 0
+            checked += 1
+    assert checked
+
+
+def test_oom_during_inference_is_counted_and_not_a_fallback(tmp_path):
+    fx = SYNTHETIC_ML / "v3.1.0-cuda-oom-during-inference"
+    manifest, _ = load_capture(fx, tmp_path)
+    src = make_source(tmp_path, GPU_MEMORY)
+    lines = journal_lines(src)
+    oom_at = manifest["truth"]["runtime_errors"][0]["realtime_us"]
+    for line in lines:
+        src.apply_line(line)
+        if int(json.loads(line)["__REALTIME_TIMESTAMP"]) >= oom_at:
+            assert probe(src, oom_at / 1e6)[:3] == (CUDA, CUDA, False)
+    src.flush()
+    assert src.ml.errors[(CUDA, "cuda_failure")] == 1
+    assert src.ml.errors[(CUDA, "run_failed")] == 1
+    assert sum(n for (p, k), n in src.ml.errors.items() if k not in ("cuda_failure", "run_failed")) == 0
