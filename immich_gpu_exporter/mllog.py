@@ -936,8 +936,8 @@ class MLState:
         out.append(sample("immich_ml_cpu_fallback", self.cpu_fallback))
         if self.workers or self.boots:
             live = self.worker_providers()
-            out.extend(sample("immich_ml_workers", live.get(p, 0), provider=p)
-                       for p in seen + [p for p in live if p not in seen])
+            labels = seen + [NO_SESSION] + [p for p in live if p not in seen and p != NO_SESSION]
+            out.extend(sample("immich_ml_workers", live.get(p, 0), provider=p) for p in labels)
         # Counters exist at 0 before their first event, so that increase() sees that event too
         # (an alert on the first OOM kill or the first provider failure after a restart).
         error_providers = {p for p, _ in self.errors} | ({pref} if _is_gpu(pref) else set())

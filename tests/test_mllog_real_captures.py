@@ -138,7 +138,11 @@ def probe(src: JournalSource, now: float) -> tuple[str | None, str | None, bool,
     copy.parser.load(json.loads(json.dumps(src.parser.dump())))
     copy.ml.load(json.loads(json.dumps(src.ml.dump())))
     copy.flush()
-    result = copy.observe(now)
+    return exported(copy.observe(now))
+
+
+def exported(result) -> tuple[str | None, str | None, bool, dict[str, float]]:
+    """(preferred, effective, cpu_fallback, workers by provider) as the samples say."""
     pref = eff = None
     fallback = False
     workers: dict[str, float] = {}
@@ -305,3 +309,162 @@ def test_oom_during_inference_is_counted_and_not_a_fallback(tmp_path):
     assert src.ml.errors[(CUDA, "cuda_failure")] == 1
     assert src.ml.errors[(CUDA, "run_failed")] == 1
     assert sum(n for (p, k), n in src.ml.errors.items() if k not in ("cuda_failure", "run_failed")) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# one test per evidence rule (docs/journal.md, "Evidence"), on the real lines it matches; each fails
+# when its rule is removed
+# --------------------------------------------------------------------------------------------------
+def capture_lines(name: str, tmp: pathlib.Path) -> list[str]:
+    fx = REAL_ML / name if (REAL_ML / name).exists() else SYNTHETIC_ML / name
+    load_capture(fx, tmp)
+    return journal_lines(make_source(tmp))
+
+
+def upto(lines: list[str], needle: str, nth: int = 1) -> list[str]:
+    """The entries up to and including the nth whose message contains `needle`."""
+    for i, line in enumerate(lines):
+        if needle in ANSI.sub("", message(json.loads(line))):
+            nth -= 1
+            if nth == 0:
+                return lines[:i + 1]
+    raise AssertionError(f"{needle!r} not in the capture")
+
+
+def without(lines: list[str], *needles: str) -> list[str]:
+    return [x for x in lines if not any(n in ANSI.sub("", message(json.loads(x))) for n in needles)]
+
+
+def verdict(lines: list[str], tmp: pathlib.Path, driver: bool = True, nvml: dict[str, Any] | None = None,
+            at: float | None = None) -> tuple[tuple[str | None, str | None, bool], JournalSource]:
+    src = make_source(tmp, nvml, driver)
+    for line in lines:
+        src.apply_line(line)
+    src.flush()
+    now = at if at is not None else int(json.loads(lines[-1])["__REALTIME_TIMESTAMP"]) / 1e6
+    src.observe(now)
+    return probe(src, now)[:3], src
+
+
+PROVIDER_RECORD = "in descending order of preference"
+
+
+def test_e1_device_enumeration_failing_while_a_session_is_created(tmp_path):
+    # [E:onnxruntime:Default, cuda_call.cc:116 CudaCall] CUDA failure 35: ... expr=cudaGetDeviceCount(&num_devices);
+    lines = upto(capture_lines("v3.1.0-gpu-nodriver-nixpkgs", tmp_path), "cudaGetDeviceCount")
+    got, src = verdict(lines, tmp_path)
+    assert got == (CUDA, CPU, True)
+    assert src.ml.errors[(CUDA, "cuda_failure")] == 1
+
+
+def test_e1_is_no_evidence_outside_a_sessions_creation(tmp_path):
+    # the same real line after the worker moved on (its next model load): counted, not a fallback
+    lines = capture_lines("v3.1.0-gpu-nodriver-nixpkgs", tmp_path)
+    first = upto(lines, PROVIDER_RECORD)
+    enumeration = upto(lines, "cudaGetDeviceCount")[-1]
+    next_load = upto(lines, "Loading detection model")[-1]
+    got, src = verdict(first + [next_load, enumeration], tmp_path)
+    assert got == (CUDA, CUDA, False)
+    assert src.ml.errors[(CUDA, "cuda_failure")] == 1
+
+
+def test_e2_provider_library_failing_to_load(tmp_path):
+    # [E:onnxruntime:Default, provider_bridge_ort.cc:2369 TryGetProviderInfo_CUDA] ... Failed to load library
+    # libonnxruntime_providers_cuda.so with error: libcublasLt.so.12: cannot open shared object file ...
+    lines = upto(capture_lines("v3.1.0-gpu-nixpkgs", tmp_path), "Failed to load library")
+    got, src = verdict(lines, tmp_path)
+    assert got == (CUDA, CPU, True)
+    assert src.ml.errors[(CUDA, "library_load")] == 1
+
+
+def test_e3_failed_to_create_the_provider(tmp_path):
+    # [W:onnxruntime:Default, onnxruntime_pybind_state.cc:1094 CreateExecutionProviderFactoryInstance] Failed to
+    # create CUDAExecutionProvider. Require cuDNN 9.* and CUDA 12.* ...
+    lines = without(upto(capture_lines("v3.1.0-gpu-nixpkgs", tmp_path), "Failed to create CUDAExecutionProvider"),
+                    "Failed to load library")
+    got, src = verdict(lines, tmp_path)
+    assert got == (CUDA, CPU, True)
+    assert src.ml.errors[(CUDA, "create_failed")] == 1
+
+
+def test_e4_the_ep_error_block(tmp_path):
+    # *************** EP Error *************** / EP Error ... when using [...] / Falling back to
+    # ['CPUExecutionProvider'] and retrying. (PYTHONUNBUFFERED=1: in order)
+    lines = without(upto(capture_lines("v3.1.0-gpu-nodriver-image", tmp_path), "Falling back to"),
+                    "cudaGetDeviceCount")
+    got, src = verdict(lines, tmp_path)
+    assert got == (CUDA, CPU, True)
+    assert src.ml.errors[(CUDA, "ep_fallback")] == 1
+
+
+def test_crash_while_creating_a_session_is_no_provider(tmp_path):
+    # v2.0.1, onnxruntime-gpu 1.19.2, no driver: the provider line, then ERROR Worker (pid:N) was sent SIGSEGV!
+    lines = upto(capture_lines("v2.0.1-gpu-nodriver-nixpkgs", tmp_path), "was sent SIGSEGV")
+    got, src = verdict(lines, tmp_path)
+    assert got == (CUDA, None, False)
+    assert src.ml.session_crashes == 1
+    assert src.ml.exits == {"signal": 1}
+
+
+def test_h1_host_without_the_nvidia_driver(tmp_path):
+    # before any ORT error: the provider line alone, on a host where /proc/driver/nvidia/version and
+    # /sys/module/nvidia do not exist
+    lines = upto(capture_lines("v3.1.0-cuda-healthy", tmp_path), PROVIDER_RECORD)
+    got, src = verdict(lines, tmp_path, driver=False)
+    assert got == (CUDA, CPU, True)
+    assert src.ml.errors[(CUDA, "no_driver")] == 1
+    assert probe(src, 0)[3] == {CUDA: 0, CPU: 1, "none": 0}
+    got, _ = verdict(lines, tmp_path, driver=True)
+    assert got == (CUDA, CUDA, False)
+
+
+def test_h2_a_loaded_model_without_gpu_memory_after_the_grace(tmp_path):
+    lines = upto(capture_lines("v3.1.0-cuda-healthy", tmp_path), PROVIDER_RECORD)
+    t = int(json.loads(lines[-1])["__REALTIME_TIMESTAMP"]) / 1e6
+    src = make_source(tmp_path, {"component_gpu_memory": {"ml": 0}})
+    for line in lines:
+        src.apply_line(line)
+    src.flush()
+    grace = src.ml.grace
+    assert exported(src.observe(t))[:3] == (CUDA, CUDA, False)
+    assert exported(src.observe(t + grace - 1))[:3] == (CUDA, CUDA, False)
+    assert exported(src.observe(t + grace))[:3] == (CUDA, CPU, True)
+    assert src.ml.errors[(CUDA, "no_gpu_memory")] == 1
+
+
+def test_a_late_block_confirms_its_session_and_counts_once(tmp_path):
+    # nixpkgs launch: each block arrives after its native line; the rebooted worker's last one only at stop
+    lines = capture_lines("v3.1.0-gpu-nodriver-nixpkgs", tmp_path)
+    first_native = json.loads(upto(lines, "cudaGetDeviceCount")[-1])
+    got, src = verdict(lines, tmp_path)
+    assert got == (CUDA, CPU, True)
+    blocks = sum("Falling back to" in message(json.loads(x)) for x in lines)
+    assert src.ml.errors[(CUDA, "ep_fallback")] == blocks
+    # the verdict changed at the first native line and never again (the late blocks changed nothing)
+    assert src.ml.last_change == int(first_native["__REALTIME_TIMESTAMP"]) / 1e6
+    fell = [s for w in src.ml.workers.values() for s in w["sessions"] if s["st"] == "fell_back"]
+    assert fell and all(s["conf"] for s in fell)
+
+
+def test_a_block_arriving_after_its_worker_exited_belongs_to_that_worker(tmp_path):
+    # SYNTHETIC ORDER of real lines, in a container (_PID is not the worker): worker A's EP Error block reaches
+    # the journal only after A's exit and B's boot. It judges A's session; B, with no session, stays "none".
+    real = capture_lines("v3.1.0-gpu-nodriver-nixpkgs", tmp_path)
+    a_session = upto(real, PROVIDER_RECORD)
+    block = [x for x in upto(real, "****************************************")
+             if x not in upto(real, "cudaGetDeviceCount")]
+    a_exit = [x for x in real if any(n in ANSI.sub("", message(json.loads(x)))
+                                     for n in ("Shutting down due to inactivity", "was sent SIGINT"))]
+    b_boot = [x for x in real if "Booting worker with pid: 35" in ANSI.sub("", message(json.loads(x)))]
+    assert len(a_exit) == 2 and len(b_boot) == 1
+    order = a_session + a_exit + b_boot + block
+    t0 = int(json.loads(order[0])["__REALTIME_TIMESTAMP"])
+    docker = []
+    for k, x in enumerate(order):
+        e = json.loads(x)
+        e.update(_SYSTEMD_UNIT="docker.service", _PID="900", CONTAINER_NAME=ML_CONTAINER,
+                 __REALTIME_TIMESTAMP=str(t0 + 1000 * k))
+        docker.append(json.dumps(e))
+    got, src = verdict(docker, tmp_path)
+    assert got == (CUDA, CPU, True)
+    assert probe(src, 0)[3] == {CUDA: 0, CPU: 0, "none": 1}
