@@ -204,6 +204,7 @@ def test_immich_gpu_on_a_complete_host_configures_the_units():
     assert env["MACHINE_LEARNING_DEVICE_ID"] == "0"
     assert env["MPLCONFIGDIR"] == "/var/cache/immich/matplotlib"
     assert int(env["COLUMNS"]) > 80
+    assert env["PYTHONUNBUFFERED"] == "1"  # ORT's EP Error block reaches the journal when printed
     assert env["MACHINE_LEARNING_CACHE_FOLDER"] == "/var/cache/immich"  # nixpkgs' default kept
     assert "ONNXRUNTIME_PROVIDER" not in env and not any("TENSORRT" in k for k in env)
     assert ml["serviceConfig"]["LimitMEMLOCK"] == "infinity"
@@ -278,6 +279,7 @@ def test_immich_gpu_disabled_changes_nothing():
     assert result["accelerationDevices"] == [] and result["tmpfiles"] == [] and result["failedAssertions"] == []
     assert result["mlService"]["serviceConfig"]["PrivateDevices"] is True
     assert "COLUMNS" not in result["mlService"]["environment"]
+    assert "PYTHONUNBUFFERED" not in result["mlService"]["environment"]
 
 
 # --- checks against the real nixpkgs semantics (nixpkgs @ b1325fd54d3a: immich.nix; NixOS utils) --

@@ -14,6 +14,8 @@
 #     MACHINE_LEARNING_DEVICE_IDS is ignored there);
 #   - COLUMNS, so Rich does not wrap ML log lines at 80 columns into several journal entries
 #     (the exporter reads the provider lines from that journal);
+#   - PYTHONUNBUFFERED=1, as Immich's Docker image sets it, so the ML service's stdout reaches the
+#     journal when it is written (see the comment at the setting);
 #   - the guide's fail-fast assertions.
 #
 # What it deliberately does NOT set, because Immich ignores it:
@@ -163,6 +165,14 @@ in
       # same priority are an evaluation error; a user's own MPLCONFIGDIR simply wins.
       MPLCONFIGDIR = lib.mkDefault "${cacheRoot}/matplotlib";
       COLUMNS = toString cfg.logColumns;
+      # nixpkgs' wrapper execs gunicorn without it, so Python block-buffers stdout into the journal.
+      # ONNX Runtime prints its "EP Error ... Falling back to ['CPUExecutionProvider']" block with
+      # print() to stdout: buffered, it reaches the journal only with the worker's next log line, and
+      # for a worker's last model load that is its idle shutdown or `systemctl stop`, hours later.
+      # The exporter judges from ORT's unbuffered stderr lines first (docs/journal.md), but a fallback
+      # whose only trace is that block (e.g. out of GPU memory while creating a session) would stay
+      # unseen for that long. mkDefault: a user's own value wins.
+      PYTHONUNBUFFERED = lib.mkDefault "1";
     };
 
     systemd.services.immich-machine-learning = {
