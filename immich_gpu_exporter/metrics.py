@@ -92,7 +92,8 @@ _DEFS: list[MetricDef] = [
        "1 when a GPU execution provider is preferred but the ML service runs on CPU, else 0.", (), "journal"),
     _m("immich_ml_provider_errors_total", "counter",
        "Execution-provider failures seen in the ML log, by provider and kind (create_failed, library_load, "
-       "cuda_failure, ep_fallback, not_available, no_gpu_memory, no_driver, run_failed).", ("provider", "kind"), "journal"),
+       "cuda_failure, ep_fallback, not_available, no_gpu_memory, no_driver, run_failed).", ("provider", "kind"),
+       "journal"),
     _m("immich_ml_workers", "gauge",
        "Live ML worker processes by the execution provider their ONNX Runtime sessions really use ('none': no "
        "session yet).", ("provider",), "journal"),

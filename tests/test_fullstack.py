@@ -137,11 +137,14 @@ def test_all_four_sources_pass_facts_through_the_hub(nested_systemd: NestedSyste
     t0 = time.monotonic()
     smart = QueueSim("smartSearch", concurrency=2, job_seconds=0.5, arrivals=[t0] * 400)
     fake = FakeImmich(queues=[smart], keys={KEY: Key()})  # ports are chosen here, started below
+    driver_file = tmp_path / "proc-driver-nvidia-version"
+    driver_file.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04 (fake NVML's host)\n")
     exporter = Exporter([
         f"--systemd.unit={ML_UNIT}", f"--systemd.unit={SERVER_UNIT}", f"--systemd.cgroup-root={ns.cgroup}",
         "--systemd.interval=1",
         f"--journal.directory={ns.journal_dir}", f"--state.directory={tmp_path / 'state'}",
         f"--journal.fallback-grace={GRACE:g}", "--collection.interval=0.3",
+        f"--journal.nvidia-driver-path={driver_file}",  # the fake NVML's host has the NVIDIA driver loaded
         "--nvml.interval=0.3",
         f"--immich.url={fake.url}", f"--immich.ml-url={fake.ml_url}", "--immich.interval=0.3", "--immich.timeout=1",
         "--log.level=debug",

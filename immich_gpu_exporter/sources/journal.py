@@ -162,6 +162,7 @@ class JournalSource(Source):
         self.server_containers: tuple[str, ...] = tuple(config["journal.server-container-name"])
         self.directory = config["journal.directory"]
         self.driver_paths = tuple(config["journal.nvidia-driver-path"])
+        self._read_at: tuple[float, float] | None = None  # (journal time, monotonic) of the last entry read
         self.parser = Parser(self.server_units, self.server_containers)
         self.ml = MLState(float(config["journal.fallback-grace"]))
         self.cursor: str | None = None
@@ -277,6 +278,7 @@ class JournalSource(Source):
             for ev in feed(entry):
                 apply(ev)
         if batch:
+            self._mark_read(batch[-1])
             c = batch[-1].get("__CURSOR")
             if c:
                 self.cursor = c
@@ -291,10 +293,26 @@ class JournalSource(Source):
         apply = self.ml.apply
         for ev in self.parser.feed(entry):
             apply(ev)
+        self._mark_read(entry)
         c = entry.get("__CURSOR")
         if c:
             self.cursor = c
         self.entries_read += 1
+
+    def _mark_read(self, entry: dict[str, Any]) -> None:
+        try:
+            self._read_at = (int(entry.get("__REALTIME_TIMESTAMP")) / 1e6, time.monotonic())
+        except (TypeError, ValueError):
+            pass
+
+    def journal_now(self, now: float) -> float:
+        """The journal's clock: the time of the last entry read, plus the time since it was read (never
+        ahead of `now`). Pending sessions settle by it, so reading a backlog (or entries written long
+        ago) does not settle a session whose crash or fallback is in the next chunk."""
+        if self._read_at is None:
+            return now
+        t, mono = self._read_at
+        return min(now, t + (time.monotonic() - mono))
 
     def flush(self) -> bool:
         self._flush_handle = None
@@ -472,7 +490,7 @@ class JournalSource(Source):
         """What the source reports at `now` from the entries applied so far: pending sessions settle by
         time, the host's NVIDIA driver and NVML's view of the ML processes are checked (docs/journal.md,
         "Evidence")."""
-        self.ml.settle(now)
+        self.ml.settle(self.journal_now(now))
         self.ml.observe_host(now, nvidia_driver_loaded(self.driver_paths))
         nvml = self.hub.facts("nvml")
         if nvml:
