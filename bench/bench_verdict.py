@@ -11,9 +11,10 @@ Two parts, both over every real capture in tests/fixtures/real-ml/ that has a fa
    `systemctl stop`). Without PYTHONUNBUFFERED, that wait is how long a block-based verdict was wrong.
 2. Wall clock through the real daemon: the exporter follows a real journal directory; the capture's
    entries before the first evidence are written, then the evidence entry; measured from the moment
-   systemd-journal-remote has written it until /metrics shows the verdict (cpu_fallback 1, or for a crash
-   immich_ml_session_crashes_total 1). Peer in the same run: a plain `journalctl --follow -o json` on the
-   same directory, from the same moment until it prints that entry (the floor: nothing can read it sooner).
+   systemd-journal-remote is started to write it until /metrics shows the verdict (cpu_fallback 1, or for a crash
+   immich_ml_session_crashes_total 1). Both clocks start just before systemd-journal-remote is run to
+   append the entry. Peer in the same run: a plain `journalctl --follow -o json` on the same directory,
+   until it prints that entry (the floor: nothing that reads the journal can see it sooner).
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ def wall_clock(fx: pathlib.Path, runs: int) -> tuple[list[float], list[float]]:
                 follower = subprocess.Popen(["journalctl", "--follow", "-o", "json", f"--directory={jdir}",
                                              "--lines=0", "--no-pager"], stdout=subprocess.PIPE)
                 time.sleep(0.3)  # journalctl has set up its inotify watch
+                t0 = time.monotonic()  # both clocks start before the entry is written
                 write_journal(jfile, blocks[cut])
-                t0 = time.monotonic()
                 seen = None
                 while True:
                     now = time.monotonic()
