@@ -287,3 +287,29 @@ def test_end_to_end_with_a_real_journald(tmp_path):
             assert metric(e, "immich_ml_model_loaded", model_type="visual", model_name="ViT-B-32__openai") == 1
     finally:
         nsmod.stop_nested_systemd(ns)
+
+
+# --- the real ML service's captured journals through the CLI (--once: backfill, nothing mocked) ---------
+def _real_captures():
+    from tests.test_mllog_real_captures import CAPTURES
+    return [c for c in CAPTURES if (c / "unit.export").exists()]
+
+
+@pytest.mark.parametrize("fx", _real_captures(), ids=lambda p: p.name)
+def test_once_on_a_real_capture_ends_at_its_truth(fx, jdir, tmp_path):
+    from tests.test_mllog_real_captures import Truth
+    manifest = json.loads((fx / "manifest.json").read_text())
+    write_journal(jdir / "x.journal", (fx / "unit.export").read_bytes())
+    m = once(jdir, tmp_path / "st")
+    truth = Truth(manifest)
+    for us in sorted({s["create_realtime_us"] for s in manifest["truth"]["sessions"]}
+                     | {w[k] for w in manifest["truth"]["workers"] for k in ("booted_realtime_us", "exit_realtime_us")
+                        if w[k] is not None}):
+        want = truth.at(us)
+    pref, eff, fallback = want
+    assert v(m, "immich_ml_preferred_execution_provider", provider=pref) == 1
+    effective = {dict(k[1])["provider"]: val for k, val in m.items() if k[0] == "immich_ml_execution_provider"}
+    assert [p for p, val in effective.items() if val == 1] == ([eff] if eff else [])
+    assert v(m, "immich_ml_cpu_fallback") == fallback
+    crashes = sum(1 for s in manifest["truth"]["sessions"] if s["outcome"].startswith("worker_died"))
+    assert v(m, "immich_ml_session_crashes_total") == crashes
