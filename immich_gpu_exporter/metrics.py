@@ -111,7 +111,14 @@ _DEFS: list[MetricDef] = [
        "Unix time the effective execution provider last changed.", (), "journal"),
     # --- Immich API ----------------------------------------------------------------------------
     _m("immich_server_up", "gauge", "1 if the Immich server answered /api/server/ping.", (), "immich"),
-    _m("immich_ml_up", "gauge", "1 if the ML service answered /ping.", (), "immich"),
+    _m("immich_ml_up", "gauge", "1 if the ML service answered /ping (any of its URLs, with failover URLs).", (),
+       "immich"),
+    _m("immich_ml_url_up", "gauge", "1 if this ML URL (scheme://host:port of --immich.ml-url or a failover URL) "
+       "answered /ping.", ("url",), "immich"),
+    _m("immich_ml_serving", "gauge", "1 for the ML URL that serves Immich's ML work, inferred as Immich picks: the "
+       "first healthy URL of its list (Immich does not log it).", ("url",), "immich"),
+    _m("immich_remote_ml_exporter_up", "gauge", "1 if the exporter on a remote ML host (--remote-ml.exporter-url) "
+       "answered; its verdict gives the provider in force on a server-role host.", ("exporter",), "remote"),
     _m("immich_server_info", "gauge", "Version of the Immich server; always 1.", ("version",), "immich"),
     _m("immich_server_feature_enabled", "gauge", "1 if the server reports the feature enabled.", ("feature",),
        "immich"),
