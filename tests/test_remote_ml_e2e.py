@@ -25,7 +25,7 @@ import uuid
 import pytest
 import yaml
 
-from tests.support import journal as jr
+from tests.support import dashboard, journal as jr
 from tests.support.exposition import parse, value
 from tests.support.fake_immich import FakeImmich, Key, QueueSim
 from tests.support.nvml import CgroupTree, Gpu, Scenario, build_fake_nvml, env_for
@@ -189,8 +189,21 @@ def test_two_hosts_give_the_one_host_numbers_and_alerts(tmp_path: pathlib.Path) 
                 time.sleep(1.5)  # a last scrape of every exporter
 
                 two, one = spj(prom, "two-host", "5m"), spj(prom, "one-host", "5m")
+                # the dashboard's own panel, with the variables a user picks: Installation "home" for the
+                # two hosts, the one-host exporter's instance for the other
+                (panel,) = [e for t, _, e in dashboard.queries(dashboard.load())
+                            if t == "Seconds per job by queue and provider"]
+                panel = panel.replace('immich=~".*"', "IMMICH").replace('instance=~".*"', "INSTANCE")
+                board_two = {r["metric"]["provider"]: r["value"] for r in prom.query(
+                    panel.replace("IMMICH", 'immich=~"home"').replace("INSTANCE", 'instance=~".*"'))
+                    if r["metric"].get("queue") == "smartSearch"}
+                board_one = {r["metric"]["provider"]: r["value"] for r in prom.query(
+                    panel.replace("IMMICH", 'immich=~".*"').replace("INSTANCE", f'instance=~"{one_host.address}"'))
+                    if r["metric"].get("queue") == "smartSearch"}
                 for provider in (CPU, CUDA):
                     truth = smart.truth(provider)
                     assert abs(two[provider] - truth) <= 0.10 * truth, (provider, two, one, truth)
                     assert abs(one[provider] - truth) <= 0.10 * truth, (provider, two, one, truth)
                     assert abs(two[provider] - one[provider]) <= 0.05 * truth, (provider, two, one)
+                    assert abs(board_two[provider] - board_one[provider]) <= 0.05 * truth, (board_two, board_one)
+                    assert abs(board_two[provider] - truth) <= 0.10 * truth, (provider, board_two, truth)
