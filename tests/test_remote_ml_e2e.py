@@ -10,15 +10,18 @@ Three real exporters on one workload, scraped by one real Prometheus that evalua
 The two-host targets share the target label immich="home" (docs/remote-ml.md); the one-host target has
 none (its installation is its instance).
 
-The ML journal: first a CPU fallback (a captured real journal where one exists in
-tests/fixtures/real-ml, else the project's cuda_create_failed fixture), then, after `systemctl stop`,
+The ML journal: first a CPU fallback (the captured real journal of Immich v3.1.0 without a driver,
+tests/fixtures/real-ml), then, after `systemctl stop`,
 a SYNTHETIC healthy CUDA start (no healthy CUDA capture can be made without a GPU; its lines follow the
 real captures' layout), with the fake NVML showing the worker's GPU memory from then on.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
+import re
+import subprocess
 import time
 import uuid
 
@@ -58,8 +61,9 @@ def shortened_rules(tmp: pathlib.Path) -> pathlib.Path:
 
 
 def fallback_export() -> bytes:
-    real = sorted((ROOT / "tests/fixtures/real-ml").glob("*nodriver*/unit.export"))
-    return real[0].read_bytes() if real else jr.fixture("cuda_create_failed.export")
+    """The real Immich v3.1.0 ML service with CUDA libraries but no driver (nixpkgs launch): CUDA
+    failure 35 at every session, the EP Error block late, CPU (tests/fixtures/real-ml/README.md)."""
+    return (ROOT / "tests/fixtures/real-ml/v3.1.0-gpu-nodriver-nixpkgs/unit.export").read_bytes()
 
 
 def rich(msg: str) -> list[str]:
@@ -86,6 +90,20 @@ def healthy_cuda_start(arbiter: int, worker: int) -> bytes:
                               "descending order of preference")]:
         out += jr.entries(rich(msg), pid=pid, clock=clock)
     return out
+
+
+def on_the_same_boot(segment: bytes, journal_dir: pathlib.Path) -> bytes:
+    """Entries made by `jr.entries` moved onto the boot of the journal's last entry, their monotonic
+    clock continuing it: a restart of the unit, not a reboot. (journalctl 252's --follow after a cursor
+    does not show entries of another boot appended to the file it follows; on a real host a reboot
+    restarts the exporter and its journalctl, so only a test can meet that.)"""
+    last = json.loads(subprocess.run(["journalctl", f"--directory={journal_dir}", "-n1", "-o", "json"],
+                                     capture_output=True, text=True, check=True).stdout)
+    mono = int(last["__MONOTONIC_TIMESTAMP"])
+    step = iter(range(1, 1 << 30))
+    segment = segment.replace(jr.BOOT_ID.encode(), last["_BOOT_ID"].encode())
+    return re.sub(rb"__MONOTONIC_TIMESTAMP=\d+", lambda m: b"__MONOTONIC_TIMESTAMP=%d" % (mono + 1000 * next(step)),
+                  segment)
 
 
 def spj(prom: Prometheus, job: str, window: str) -> dict[str, float]:
@@ -176,10 +194,7 @@ def test_two_hosts_give_the_one_host_numbers_and_alerts(tmp_path: pathlib.Path) 
                 scen.sample(worker, 0.1, sm=55)
                 scen.gpus = [Gpu(used=WORKER_BYTES + 300 * 2**20, util=60)]
                 scen.write()
-                jr.write_journal(jfile, b"".join([
-                    jr.entries(rich("Handling signal: term"), pid=arbiter, clock=jr.Clock(time.time_ns() // 1000 - 500)),
-                    jr.entries(rich("Shutting down: Master"), pid=arbiter, clock=jr.Clock(time.time_ns() // 1000 - 400)),
-                ]) + healthy_cuda_start(arbiter, worker))
+                jr.write_journal(jfile, on_the_same_boot(healthy_cuda_start(arbiter, worker), journal_dir))
                 wait_for(lambda: value(parse(server_host.metrics()), "immich_queue_active_job_seconds_total",
                                        queue="smartSearch", provider=CUDA) is not None, 10,
                          what="job-seconds under CUDA on the server host (provider from the GPU host)")
