@@ -253,9 +253,8 @@ def journal_with(tmp: pathlib.Path, export: bytes) -> pathlib.Path:
 
 
 def test_provider_fail_on_a_fallback_journal(tmp_path: pathlib.Path) -> None:
-    real = pathlib.Path(__file__).parent / "fixtures" / "real-ml"
-    exports = sorted(real.glob("*nodriver*/unit.export")) if real.is_dir() else []
-    export = exports[0].read_bytes() if exports else jr.fixture("ep_fallback.export")
+    # the real Immich v3.1.0 ML service with CUDA libraries but no driver (tests/fixtures/real-ml)
+    export = (pathlib.Path(__file__).parent / "fixtures/real-ml/v3.1.0-gpu-nodriver-nixpkgs/unit.export").read_bytes()
     args = [a for a in bare_args(tmp_path) if not a.startswith("--journal.directory")]
     d = journal_with(tmp_path, export)
     _, by_id, _ = check(args + [f"--journal.directory={d}", "--no-collector.nvml"])
