@@ -716,6 +716,9 @@ async def gather(cfg: Mapping[str, Any], root: str = "/", timeout: float = GATHE
         # and reads the unit's last start afresh (the backfill), as a first start would.
         values = dict(cfg)
         values["state.directory"] = state_dir
+        # the journal source's host-driver evidence reads the same host files as the rows below
+        values["journal.nvidia-driver-path"] = tuple(Host(root).path(p)
+                                                     for p in values.get("journal.nvidia-driver-path") or ())
         run_cfg = configmod.Config(values)
         daemon = Daemon()
         enabled = sources.enabled(run_cfg)

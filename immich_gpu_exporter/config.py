@@ -119,7 +119,9 @@ def _listen_address(v: Any) -> str:
 
 ROLES = ("all", "ml", "server")
 # What a role changes: defaults only, so an explicit flag, variable or key still wins.
-ROLE_DEFAULTS: dict[str, dict[str, Any]] = {"all": {}, "ml": {"collector.immich": False}, "server": {}}
+# server: the ML service runs on another host, so this host's NVIDIA driver says nothing about it
+ROLE_DEFAULTS: dict[str, dict[str, Any]] = {"all": {}, "ml": {"collector.immich": False},
+                                            "server": {"journal.nvidia-driver-path": ()}}
 
 
 def _role(v: Any) -> str:

@@ -134,6 +134,8 @@ def make_root(tmp: pathlib.Path, modules: str | None = None, nodes: tuple[str, .
     if modules is not None:
         (root / "proc").mkdir()
         (root / "proc" / "modules").write_text(modules)
+        if any(line.split(" ", 1)[0] == "nvidia" for line in modules.splitlines()):
+            (root / "sys" / "module" / "nvidia").mkdir(parents=True)  # as the kernel shows a loaded module
     for n in nodes:
         (root / "dev" / n).parent.mkdir(parents=True, exist_ok=True)
         (root / "dev" / n).write_text("")  # a listing is all check reads of a node
@@ -266,6 +268,8 @@ def test_provider_fail_on_a_fallback_journal(tmp_path: pathlib.Path) -> None:
 
 def test_provider_pass_warn_and_skip(tmp_path: pathlib.Path) -> None:
     args = [a for a in bare_args(tmp_path) if not a.startswith("--journal.directory")]
+    # a host with the NVIDIA driver loaded (the journal's evidence H1 reads it under --root)
+    (tmp_path / "root" / "sys" / "module" / "nvidia").mkdir(parents=True)
     ok = journal_with(tmp_path / "ok", jr.entries(["Loading visual model 'ViT-B-32__openai' to memory",
                                                    PROVIDERS_CUDA]))
     _, by_id, _ = check(args + [f"--journal.directory={ok}", "--no-collector.nvml"])
