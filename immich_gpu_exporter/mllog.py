@@ -853,6 +853,22 @@ class MLState:
         if changed:
             self._judge(int(now * 1e6))
 
+    def _settle_by_gpu(self, now: float) -> None:
+        """The ML processes hold GPU memory and no live worker is already judged on an NVIDIA provider:
+        that memory is a pending session's, so those sessions were created on the GPU (rule "ok"). An
+        EP Error block arriving later still judges its session (evidence beats this)."""
+        live = [w for w in self.workers.values() if not w["exited"]]
+        if any(s["st"] == "ok" and s["p"][0] in NVIDIA_PROVIDERS for w in live for s in w["sessions"]):
+            return
+        changed = False
+        for w in live:
+            for s in w["sessions"]:
+                if s["st"] == "pending" and s["p"][0] in NVIDIA_PROVIDERS:
+                    s["st"] = "ok"
+                    changed = True
+        if changed:
+            self._judge(int(now * 1e6))
+
     def loaded_models(self) -> set[tuple[str, str]]:
         out: set[tuple[str, str]] = set()
         for w in self.workers.values():
@@ -873,6 +889,8 @@ class MLState:
 
     def observe_gpu(self, now: float, ml_gpu_bytes: float | None) -> None:  # evidence H2
         """ml_gpu_bytes: the ML component's GPU memory from NVML, None while NVML is not up."""
+        if ml_gpu_bytes:
+            self._settle_by_gpu(now)
         armed = (ml_gpu_bytes is not None and ml_gpu_bytes <= 0 and self.preferred in NVIDIA_PROVIDERS
                  and self.verdict == self.preferred and bool(self.loaded_models()))
         if not armed:

@@ -410,3 +410,17 @@ def test_old_masters_late_stop_does_not_end_the_new_worker():
     s = run(lines)
     assert s.loaded_models() == set()
     assert s.exits.get("inactivity") == 1
+
+
+def test_gpu_memory_settles_a_pending_session_under_a_standing_fallback():
+    # the driver was fixed and the unit restarted: the new worker's first session is pending, the unit still
+    # stands on CPU; NVML showing the ML processes' GPU memory settles it (no need to wait for its next line)
+    s = run([PROVIDERS, CREATE_FAILED], pid=10)
+    s = run(["[07/30/26 12:10:00] INFO     Starting gunicorn 23.0.0"], state=s, pid=9)
+    s = run(["[07/30/26 12:10:01] INFO     Booting worker with pid: 11", PROVIDERS], state=s, pid=11)
+    assert (s.effective, s.cpu_fallback) == (CPU, True)
+    s.observe_gpu(1000.0, 0)
+    assert (s.effective, s.cpu_fallback) == (CPU, True)  # no memory: nothing learnt
+    s.observe_gpu(1001.0, 900 << 20)
+    assert (s.effective, s.cpu_fallback) == (CUDA, False)
+    assert s.worker_providers() == {CUDA: 1}

@@ -131,8 +131,10 @@ def test_two_hosts_give_the_one_host_numbers_and_alerts(tmp_path: pathlib.Path) 
     smart = QueueSim("smartSearch", concurrency=2, arrivals=[t0] * 80 + arrivals, job_seconds=JOB_SECONDS,
                      provider_at=lambda t: CPU if t < switch else CUDA, pause=(switch - RESTART, switch))
     fake = FakeImmich(queues=[smart], keys={KEY: Key()})
+    driver = tmp_path / "proc-driver-nvidia-version"  # the fake NVML's host has the NVIDIA driver loaded
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04\n")
     common = ["--collection.interval=0.2", "--nvml.interval=0.2", "--immich.interval=0.2", "--immich.timeout=1",
-              "--journal.fallback-grace=1", "--no-collector.systemd"]
+              "--journal.fallback-grace=1", "--no-collector.systemd", f"--journal.nvidia-driver-path={driver}"]
     ml_env = env_for(lib, scen)
     with CgroupTree(f"igx-remote-{uuid.uuid4().hex[:8]}") as cg, fake:
         arbiter = cg.spawn(f"system.slice/{ML_UNIT}")
