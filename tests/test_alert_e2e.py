@@ -10,7 +10,7 @@ import yaml
 
 from tests.support.alertmanager import Alertmanager
 from tests.support.exposition import value
-from tests.support.journal import fixture, write_journal
+from tests.support.journal import write_journal
 from tests.support.prometheus import Prometheus
 from tests.support.proc import Exporter, wait_for
 
@@ -34,7 +34,9 @@ def shortened_rules(tmp_path: pathlib.Path) -> pathlib.Path:
 def test_cpu_fallback_reaches_a_real_alertmanager(tmp_path):
     journal_dir = tmp_path / "journal"
     journal_dir.mkdir()
-    write_journal(journal_dir / "system.journal", fixture("cuda_create_failed.export"))
+    # the REAL Immich v3.1.0 ML service on onnxruntime-gpu without the CUDA libraries (tests/fixtures/real-ml)
+    real = pathlib.Path(__file__).resolve().parent / "fixtures/real-ml/v3.1.0-gpu-nixpkgs/unit.export"
+    write_journal(journal_dir / "system.journal", real.read_bytes())
     args = [f"--journal.directory={journal_dir}", f"--state.directory={tmp_path / 'state'}",
             "--no-collector.nvml", "--no-collector.systemd", "--no-collector.immich"]
     with Exporter(args) as ex:
