@@ -684,10 +684,9 @@ class MLState:
             s = sessions[-1]  # settled by a concurrent request's lines before its own evidence arrived
         if s is None:
             # the read window began after the session's provider line: the failing provider was requested
-            s = {"p": [prov] + [p for p in fallback_to if p != prov] or [prov, CPU], "st": "pending", "to": None,
-                 "conf": False, "m": w.get("model"), "t": event_time(ts)}
-            if s["p"] == [prov]:
-                s["p"].append(CPU)
+            rest = [p for p in fallback_to if p != prov] or [CPU]
+            s = {"p": [prov] + rest, "st": "pending", "to": None, "conf": False, "m": w.get("model"),
+                 "t": event_time(ts)}
             sessions.append(s)
             if self.preferred is None:
                 self.preferred = prov
