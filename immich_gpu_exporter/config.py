@@ -226,6 +226,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("journal.fallback-grace", _positive_float, 120.0,
            "seconds a GPU provider may be preferred with models loaded but no GPU memory before it counts as "
            "a CPU fallback"),
+    Option("journal.transcode-window", _positive_int, 10,
+           "immich_transcode_fallback is 1 while a fallback to software was logged within this many latest "
+           "video transcodes started (docs/transcode.md)"),
     Option("journal.backfill-entries", _positive_int, 5000,
            "at first start without a cursor, read back at most this many entries of the unit's last start"),
     # immich

@@ -235,6 +235,10 @@ def test_lines_rendered_from_each_versions_source_give_the_expected_counts(versi
         "qsv": ({("qsv", "hardware"): 1}, {}, {("qsv", "hardware"): 1}),
         "vaapi": ({("vaapi", "software"): 1}, {}, {("vaapi", "software"): 1}),
         "rkmpp": ({("rkmpp", "hardware"): 1}, {}, {("rkmpp", "hardware"): 1}),
+        "nvenc_fails_every_video": ({("nvenc", "hardware"): 5}, {("nvenc_hw_decode", "nvenc_sw_decode"): 5,
+                                                                 ("nvenc_sw_decode", "software"): 5},
+                                    {(DISABLED, "software"): 5}),
+        "nvenc_healthy": ({("nvenc", "hardware"): 5}, {}, {("nvenc", "hardware"): 5}),
     }
     scenarios = rendered(version)
     assert set(scenarios) == set(want)
@@ -243,7 +247,7 @@ def test_lines_rendered_from_each_versions_source_give_the_expected_counts(versi
         counted = s.feed_lines((x["line"], x["t"] / 1000) for x in lines)
         assert (s.jobs, s.fallbacks, s.completed) == want[name], name
         assert counted == sum(1 for x in lines if "Error occurred" not in x["line"]), name
-        assert s.fallback == (name in ("full_fallback", "sw_decode_fallback")), name
+        assert s.fallback == (name in ("full_fallback", "sw_decode_fallback", "nvenc_fails_every_video")), name
 
 
 def test_check_report_says_configured_and_observed_and_flags_a_fallback():
