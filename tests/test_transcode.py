@@ -264,3 +264,30 @@ def test_check_report_says_configured_and_observed_and_flags_a_fallback():
     assert not ok and any(x.startswith("MISMATCH") for x in lines)
     ok, lines = check_report(None, None)
     assert ok and "unknown" in lines[0] and "no transcode" in lines[1]
+
+
+def _evidence(journal_facts, immich_facts):
+    from types import MappingProxyType
+
+    from immich_gpu_exporter.check import Evidence, Host
+    from immich_gpu_exporter.core import Snapshot, SourceState
+
+    sources = {"journal": SourceState("journal", up=True, facts=MappingProxyType(journal_facts)),
+               "immich": SourceState("immich", up=True, facts=MappingProxyType(immich_facts))}
+    return Evidence(Snapshot(1, MappingProxyType(sources), MappingProxyType({})), ("journal", "immich"),
+                    Host("/nonexistent"), MappingProxyType({}))
+
+
+def test_the_check_fails_on_a_fallback_warns_on_a_mismatch_and_passes_when_they_agree():
+    from immich_gpu_exporter.check import check_transcode
+
+    nvenc = {"transcode_configured": {"accel": "nvenc", "decode": "hardware"}}
+    bad = feed(TranscodeState(), run_video(0, "a", [HW, R_DEC, R_SW], 30)).facts()
+    good = feed(TranscodeState(), run_video(0, "a", [HW], 3)).facts()
+    soft = feed(TranscodeState(), run_video(0, "a", [SW], 3)).facts()
+    f = check_transcode(_evidence(bad, nvenc))
+    assert f.status == "FAIL" and f.fix and f.details["fallback"] and f.details["last_finished"] == ["disabled", "software"]
+    assert check_transcode(_evidence(good, nvenc)).status == "PASS"
+    assert check_transcode(_evidence(good, {})).status == "PASS"  # no systemConfig.read: the log alone
+    assert check_transcode(_evidence(soft, nvenc)).status == "WARN"
+    assert check_transcode(_evidence(TranscodeState().facts(), nvenc)).status == "SKIP"
