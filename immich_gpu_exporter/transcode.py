@@ -203,6 +203,13 @@ class TranscodeState:
             self.last_start = key
             self.open.pop(ev.asset, None)  # a re-run of the same video starts over
             self.open[ev.asset] = [ev.pid, ev.accel, ev.decode, ts, self.starts]
+            # Series this video may increment are born at 0 now, so that increase() sees its first
+            # fallback and first completion (a counter born at 1 hides that increment).
+            self._zero(key)
+            if ev.accel != DISABLED:
+                if ev.decode == HARDWARE:
+                    self.fallbacks.setdefault((stage(ev.accel, HARDWARE), stage(ev.accel, SOFTWARE)), 0.0)
+                self.fallbacks.setdefault((stage(ev.accel, SOFTWARE), SOFTWARE), 0.0)
             while len(self.open) > self.max_open:
                 del self.open[next(iter(self.open))]
         elif ev.kind == "retry_decode":
@@ -210,6 +217,7 @@ class TranscodeState:
             job = self._oldest(ev, (HARDWARE,))
             if job is not None:
                 job[2] = SOFTWARE
+                self._zero((job[1], SOFTWARE))
         elif ev.kind == "retry_software":
             # Immich sets accelDecode=false before this retry in every path, so the step always
             # leaves "<accel> encoding, software decoding"
@@ -218,6 +226,7 @@ class TranscodeState:
             job = self._oldest(ev, (SOFTWARE, HARDWARE))  # HARDWARE: the decode retry line was missed
             if job is not None:
                 job[1], job[2] = DISABLED, SOFTWARE
+                self._zero((DISABLED, SOFTWARE))
         elif ev.kind == "done":
             job = self.open.pop(ev.asset, None)
             if job is None:
@@ -226,6 +235,10 @@ class TranscodeState:
             self.seconds[key] = self.seconds.get(key, 0.0) + max(0.0, ts - float(job[3]))
             self.completed[key] = self.completed.get(key, 0.0) + 1
             self.last_completed = key
+
+    def _zero(self, key: tuple[str, str]) -> None:
+        self.seconds.setdefault(key, 0.0)
+        self.completed.setdefault(key, 0.0)
 
     def _step(self, frm: str, to: str) -> None:
         self.fallbacks[(frm, to)] = self.fallbacks.get((frm, to), 0.0) + 1
