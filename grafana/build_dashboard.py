@@ -229,8 +229,11 @@ def build() -> dict[str, Any]:
                     "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
     L.add(p, 12, 6)
     L.add(ts("NVENC / NVDEC of the server (its ffmpeg children)",
-             [target(f'sum(immich_gpu_process_encoder_utilization_ratio{{{G}, component="server"}})', "encoder", "A"),
-              target(f'sum(immich_gpu_process_decoder_utilization_ratio{{{G}, component="server"}})', "decoder", "B")],
+             # no server process on the GPU is an encoder use of 0, not a gap
+             [target(f'sum(immich_gpu_process_encoder_utilization_ratio{{{G}, component="server"}}) or vector(0)',
+                     "encoder", "A"),
+              target(f'sum(immich_gpu_process_decoder_utilization_ratio{{{G}, component="server"}}) or vector(0)',
+                     "decoder", "B")],
              "percentunit", min=0), 12, 6)
 
     L.row("Queues")

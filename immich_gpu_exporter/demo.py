@@ -66,6 +66,7 @@ DEMO_SETTINGS = {
     "component_server": (SERVER_UNIT, "immich_server"), "immich_url": "http://immich.demo:2283",
     "immich_ml_url": "http://immich.demo:3003", "immich_telemetry_url": "http://immich.demo:8082/metrics",
     "immich_api_key_file": None, "journal_fallback_grace": 120.0,
+    "journal_transcode_window": 2,  # two videos per phase: the verdict clears after the fix
 }
 
 
