@@ -178,7 +178,8 @@ class TranscodeState:
         lsf = d.get("last_software_fallback")
         self.last_software_fallback = None if lsf is None else int(lsf)
         self.last_start = tuple(d["last_start"]) if d.get("last_start") else None  # type: ignore[assignment]
-        self.last_completed = tuple(d["last_completed"]) if d.get("last_completed") else None  # type: ignore[assignment]
+        done = d.get("last_completed")
+        self.last_completed = tuple(done) if done else None  # type: ignore[assignment]
         self.open = {str(row[0]): list(row[1:]) for row in d.get("open") or ()}
 
     # -- feeding -------------------------------------------------------------------------------

@@ -232,7 +232,8 @@ class JournalSource(Source):
 
     def _serialise(self) -> str:
         return json.dumps({"version": STATE_VERSION, "cursor": self.cursor, "parser": self.parser.dump(),
-                           "ml": self.ml.dump(), "transcode": self.transcode.dump(), "saved_at": time.time()}, separators=(",", ":"))
+                           "ml": self.ml.dump(), "transcode": self.transcode.dump(), "saved_at": time.time()},
+                          separators=(",", ":"))
 
     async def _persist(self, force: bool = False) -> None:
         if self._state_path is None or not self._dirty or self._persisting:
