@@ -232,6 +232,12 @@ def test_samples_use_only_declared_metrics_and_bounded_labels():
     assert accels == {"nvenc", "qsv", "vaapi", "rkmpp", "other"}
 
 
+def test_every_transcode_metric_of_the_journal_source_is_emitted():
+    s = feed(TranscodeState(), run_video(0, "a", [HW, R_DEC, R_SW], 30))
+    want = {m.name for m in metrics.METRICS.values() if m.source == "journal" and m.name.startswith("immich_transcode_")}
+    assert want == {x.name for x in s.samples()}
+
+
 def test_stage_names():
     assert stage("nvenc", "hardware") == "nvenc_hw_decode"
     assert stage("qsv", "software") == "qsv_sw_decode"
