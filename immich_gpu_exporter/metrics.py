@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-from typing import Iterable, Iterator
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
-from prometheus_client.registry import Collector, CollectorRegistry
+import math
+from typing import TYPE_CHECKING, Iterator
 
 from .core import LabelPairs, Sample, Snapshot
+
+if TYPE_CHECKING:  # client_python is imported only to render OpenMetrics (~3 MiB of resident memory)
+    from prometheus_client.core import Metric
+    from prometheus_client.registry import CollectorRegistry
 
 FRESHNESS = (
     " Collected in the background by the exporter's own loop, not at scrape time: the value is "
@@ -234,6 +234,8 @@ def families(snapshot: Snapshot) -> list[Metric]:
 
 
 def _to_families(groups: list[tuple[MetricDef, list[Sample]]]) -> list[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     out: list[Metric] = []
     for d, samples in groups:
         if d.type == "counter":
@@ -255,6 +257,24 @@ def _esc_help(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n")
 
 
+def go_float(v: float) -> str:
+    """A sample value as client_python writes it (so our text equals its text, byte for byte):
+    Python's shortest repr, +Inf/-Inf/NaN spelled the Prometheus way, and a positive number with
+    more than 6 integer digits in repr written in Go's exponent form (1786000000.5 -> 1.7860000005e+09)."""
+    v = float(v)
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if math.isnan(v):
+        return "NaN"
+    text = repr(v)
+    point = text.find(".")
+    if v <= 0 or point <= 6:
+        return text
+    digits = (text[:point] + text[point + 1:]).rstrip("0")
+    mantissa = (digits[0] + "." + digits[1:]).rstrip(".")
+    return f"{mantissa}e+{point - 1:02d}"
+
+
 def render_text(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
     """Text format 0.0.4. Hand-written because it is the hot part of every snapshot change
     (several times faster than building client_python families), with client_python's value
@@ -267,19 +287,11 @@ def render_text(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
         for s in samples:
             if s.labels:
                 labels = ",".join(f'{k}="{_esc_label(v)}"' for k, v in s.labels)
-                add(f"{d.name}{{{labels}}} {floatToGoString(s.value)}")
+                add(f"{d.name}{{{labels}}} {go_float(s.value)}")
             else:
-                add(f"{d.name} {floatToGoString(s.value)}")
+                add(f"{d.name} {go_float(s.value)}")
     add("")
     return "\n".join(lines).encode()
-
-
-class _Families(Collector):
-    def __init__(self, fams: list[Metric]) -> None:
-        self._fams = fams
-
-    def collect(self) -> Iterable[Metric]:
-        return self._fams
 
 
 class Rendered:
@@ -304,7 +316,9 @@ class Rendered:
     @property
     def openmetrics(self) -> bytes:
         if self._openmetrics is None:
-            self._openmetrics = generate_openmetrics(_registry(_to_families(self._groups)))
+            from prometheus_client.openmetrics.exposition import generate_latest
+
+            self._openmetrics = generate_latest(_registry(_to_families(self._groups)))
         return self._openmetrics
 
 
@@ -313,8 +327,14 @@ CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset
 
 
 def _registry(fams: list[Metric]) -> CollectorRegistry:
+    from prometheus_client.registry import CollectorRegistry
+
+    class Families:  # a collector that yields the families already built
+        def collect(self) -> list[Metric]:
+            return fams
+
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Families(fams))
+    reg.register(Families())  # type: ignore[arg-type]
     return reg
 
 
