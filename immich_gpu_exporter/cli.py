@@ -54,11 +54,14 @@ DESCRIPTION = {
             "CUDA, about 40 s each at --demo.speed=1. The replay goes through the real parsers, attribution and "
             "timing code, so /metrics and the Grafana dashboard look as they would on such a host; every "
             "exposition says mode=\"demo\" in immich_gpu_exporter_build_info and the status page says DEMO.",
-    "check": "Validate the GPU setup and the configuration (not implemented yet).",
+    "check": "Validate the GPU setup the way the daemon sees it: each source runs once (with a private state "
+             "directory, so the daemon's journal cursor is untouched) and ten checks print PASS, WARN, FAIL or SKIP "
+             "with a one-line fix. Exit 0 when nothing failed, 1 when something failed, 2 for usage or configuration "
+             "errors; --json prints the documented structure of docs/check.md.",
 }
 EPILOG = {
     "serve": "commands: serve (the default: run the daemon), demo (serve a looping CPU-then-CUDA replay through the "
-             "real parsers, for the dashboard; see demo --help), check (not implemented yet). Every option is also "
+             "real parsers, for the dashboard; see demo --help), check (validate the GPU setup; see check --help). Every option is also "
              "an environment variable IMMICH_GPU_EXPORTER_<SECTION>_<KEY> and a TOML key [section] key; see "
              "docs/configuration.md.",
     "demo": "Options not listed here do not apply to the demo (its scenario fixes the Immich units, containers and URLs). "
@@ -96,6 +99,10 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file (flags > env > file > defaults)")
+    if command == "check":
+        p.add_argument("--json", action="store_true", help="print the findings as JSON (see docs/check.md)")
+        p.add_argument("--root", metavar="DIR", help="read /proc/modules, /dev, /sys, /etc/cdi and the model cache "
+                       "under DIR instead of / (a host root mounted into a container; tests)")
     if command == "serve":
         p.add_argument("--once", action="store_true",
                        help="run one collection cycle of every enabled source, print the exposition, exit 0")
@@ -147,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lean_process(cfg)
     if command == "check":
         from .check import run_check
-        return run_check(cfg)
+        return run_check(cfg, as_json=getattr(ns, "json", False), root=getattr(ns, "root", "/"))
     if command == "demo":
         from .demo import run_demo
         return run_demo(cfg)

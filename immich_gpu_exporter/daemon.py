@@ -128,11 +128,18 @@ class Daemon:
         return state
 
     # -- modes -----------------------------------------------------------------------------------
-    async def run_once(self) -> Snapshot:
-        """Start, collect every source once (concurrently), close. For --once and tests."""
+    async def run_once(self, sequential: bool = False) -> Snapshot:
+        """Start, collect every source once, close. For --once, `check` and tests.
+
+        Concurrently by default; `sequential` collects in the order the sources were added, so a
+        source sees the facts of those before it in this same cycle (`check` relies on it)."""
         await asyncio.gather(*(self._safe_start(s) for s in self.sources))
         try:
-            await asyncio.gather(*(self.collect_source(s) for s in self.sources))
+            if sequential:
+                for s in self.sources:
+                    await self.collect_source(s)
+            else:
+                await asyncio.gather(*(self.collect_source(s) for s in self.sources))
         finally:
             await self.close_sources()
         return self._snapshot
