@@ -13,7 +13,7 @@ Two situations, each exporter its own process on a loopback port:
   into the journal files the journal source follows, and the fake Immich API with an API key.
 
 Once the exporter is ready (full: all four sources up), VmRSS is read from /proc/<pid>/status every
-0.5 s for --seconds while /metrics is scraped; the table gives the median and the maximum, and
+0.5 s for --seconds while /metrics is scraped with Prometheus's Accept header (OpenMetrics); the table gives the median and the maximum, and
 RssAnon/RssFile of the last sample. `--before REF` runs the package as it was at REF (git archive)
 with the same interpreter and libraries. The peer, nvitop-exporter 1.7.2 (the `bench` extra; best
 in a scratch venv: `python3 -m venv /tmp/nv && /tmp/nv/bin/pip install nvitop-exporter==1.7.2`,
@@ -45,6 +45,10 @@ from tests.support.proc import exporter_env, free_port, http_get, wait_for  # no
 from tests.test_fullstack import FAKE_ML, KEY, ML_UNIT, ML_UNIT_FILE, SERVER_UNIT, SERVER_UNIT_FILE  # noqa: E402
 
 SOURCES = ("nvml", "systemd", "journal", "immich")
+# What Prometheus 2.x sends: OpenMetrics first, so a scrape here renders what a real scrape renders.
+SCRAPE_HEADERS = {"Accept": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                            "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                  "Accept-Encoding": "gzip"}
 
 
 def status_kib(pid: int) -> dict[str, int]:
@@ -85,7 +89,7 @@ def measure(argv: list[str], env: dict[str, str], cwd: pathlib.Path, url: str, s
         last: dict[str, int] = {}
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            http_get(url, headers={"Accept-Encoding": "gzip"})
+            http_get(url, headers=SCRAPE_HEADERS)
             last = status_kib(proc.pid)
             samples.append(last["VmRSS"])
             time.sleep(0.5)

@@ -147,6 +147,9 @@ def test_hand_written_text_renderer_matches_client_python_even_for_odd_label_val
     ours = metrics.render(snap).text
     theirs = generate_latest(metrics._registry(metrics.families(snap)))
     assert ours == theirs
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    assert metrics.render(snap, True).openmetrics == generate_openmetrics(metrics._registry(metrics.families(snap)))
 
 
 @pytest.mark.parametrize("v", [0.0, -0.0, 1.0, 0.5, 1e-9, 123456.0, 1234567.0, 12345678.0, 1786000000.0,
@@ -158,9 +161,10 @@ def test_value_formatting_is_client_pythons(v):
     assert metrics.go_float(v) == floatToGoString(v)
 
 
-def test_the_text_format_does_not_import_client_python():
-    """client_python costs ~3 MiB of resident memory; only OpenMetrics (on request) needs it."""
+def test_neither_format_imports_client_python():
+    """client_python costs ~3 MiB of resident memory; both formats are rendered by our code."""
     code = ("import sys; from immich_gpu_exporter import daemon, metrics; from tests.test_exposition import "
-            "snapshot_fixture; metrics.render(snapshot_fixture()); print('prometheus_client' in sys.modules)")
+            "snapshot_fixture; r = metrics.render(snapshot_fixture(), True); assert r.openmetrics and r.text; "
+            "print('prometheus_client' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
     assert r.stdout.strip() == "False", r.stderr
