@@ -29,7 +29,10 @@ def test_install_returns_with_the_exporter_running_detached_and_says_where_its_l
     port = free_port()
     paths = {"PREFIX": tmp_path / "prefix", "BINDIR": tmp_path / "bin", "LOG": tmp_path / "exporter.log",
              "PIDFILE": tmp_path / "exporter.pid"}
-    env = {**os.environ, **{k: str(v) for k, v in paths.items()}}
+    # no IMMICH_GPU_EXPORTER_* of the test run (the exporter refuses unknown ones), no PYTHONPATH: the
+    # installed package must run, not this checkout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMMICH_GPU_EXPORTER_") and k != "PYTHONPATH"}
+    env.update({k: str(v) for k, v in paths.items()})
     args = ["bash", str(INSTALL), "--detached", f"--web.listen-address=127.0.0.1:{port}",
             f"--state.directory={tmp_path / 'state'}", "--no-collector.systemd", "--no-collector.immich"]
     pids = []
