@@ -253,8 +253,9 @@ class ProcessTable:
     not seen in the current cycle, so no stale entry survives a dead process.
     """
 
-    def __init__(self, proc_root: str = "/proc") -> None:
+    def __init__(self, proc_root: str = "/proc", read_limits: bool = True) -> None:
         self.proc_root = proc_root.rstrip("/") or "/"
+        self.read_limits = read_limits  # False: memlock stays None (a reader that labels only)
         self._cache: dict[int, ProcessInfo] = {}
         self.reads = 0  # cache misses, for tests and the benchmark
 
@@ -275,10 +276,12 @@ class ProcessTable:
             except OSError:
                 self._cache.pop(pid, None)
                 return None
-            try:
-                memlock: float | None = parse_memlock(self._read(pid, "limits"))
-            except (OSError, ValueError):
-                memlock = None
+            memlock: float | None = None
+            if self.read_limits:
+                try:
+                    memlock = parse_memlock(self._read(pid, "limits"))
+                except (OSError, ValueError):
+                    pass
             info = ProcessInfo(pid, st.start_ticks, st.comm, where, memlock)
             self._cache[pid] = info
             self.reads += 1

@@ -124,10 +124,17 @@ class Daemon:
 
     # -- modes -----------------------------------------------------------------------------------
     async def run_once(self) -> Snapshot:
-        """Start, collect every source once (concurrently), close. For --once and tests."""
+        """Start, collect every source once, close. For --once and tests. Sources run concurrently
+        except that one whose facts another reads (`Source.after`) is collected before it."""
         await asyncio.gather(*(self._safe_start(s) for s in self.sources))
         try:
-            await asyncio.gather(*(self.collect_source(s) for s in self.sources))
+            present = {s.name for s in self.sources}
+            pending, done = list(self.sources), set()
+            while pending:
+                ready = [s for s in pending if all(d in done or d not in present for d in s.after)] or pending
+                await asyncio.gather(*(self.collect_source(s) for s in ready))
+                done.update(s.name for s in ready)
+                pending = [s for s in pending if s not in ready]
         finally:
             await self.close_sources()
         return self._snapshot

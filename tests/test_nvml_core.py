@@ -10,8 +10,9 @@ import pytest
 from immich_gpu_exporter import metrics
 from immich_gpu_exporter.attribution import Identity
 from immich_gpu_exporter.sources.nvml import (
-    NA_ULL, GpuReading, NvmlReading, ProcView, UtilSample, UtilTracker, Util, component_gpu_memory,
-    error_reason, gpu_samples, is_535_layout, merge_processes, process_samples)
+    NA_ULL, GpuReading, NvmlReading, UtilSample, UtilTracker, Util, component_gpu_memory,
+    error_reason, gpu_samples, is_535_layout, merge_processes)
+from immich_gpu_exporter.sources.processes import CpuTotals, ProcView, process_samples
 
 ML = Identity("ml", "immich-machine-learning.service", "")
 SRV = Identity("server", "", "immich_server")
@@ -123,7 +124,6 @@ def test_component_gpu_memory_fact_has_every_component():
 
 
 def test_cpu_counter_survives_worker_exits_and_membership_flicker():
-    from immich_gpu_exporter.sources.nvml import CpuTotals
 
     totals = CpuTotals()
     arbiter = ProcView(1, "gunicorn", ML, 0, None, 100, 10.0, start=5)

@@ -36,6 +36,9 @@ class Hub:
 
 class Source:
     name: ClassVar[str] = ""
+    # Sources whose facts this one reads. The daemon's loops do not wait for each other (facts are
+    # at most one cycle old), but a single pass (--once) collects these first.
+    after: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: "Config", hub: Hub) -> None:
         self.config = config

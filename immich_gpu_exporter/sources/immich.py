@@ -46,6 +46,7 @@ class _Failed(Exception):
 
 class ImmichSource(Source):
     name = "immich"
+    after = ("journal",)
 
     def __init__(self, config, hub, clock=None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config, hub)
