@@ -41,12 +41,16 @@ def build_parser(command: str = "serve") -> argparse.ArgumentParser:
     p = _Parser(prog=f"{PROG}" if command == "serve" else f"{PROG} {command}",
                 description="Prometheus exporter that shows whether Immich really runs on the GPU.",
                 epilog="commands: serve (the default: run the daemon), demo (serve a looping CPU-then-CUDA "
-                       "replay through the real parsers, for the dashboard), check (not implemented yet). "
+                       "replay through the real parsers, for the dashboard), check (verify the GPU setup: PASS/WARN/FAIL per check, exit 1 on FAIL). "
                        "Every option is also an environment variable IMMICH_GPU_EXPORTER_<SECTION>_<KEY> and a "
                        "TOML key [section] key; see docs/configuration.md.",
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file (flags > env > file > defaults)")
+    if command == "check":
+        p.add_argument("--json", action="store_true", help="print the findings as JSON (see docs/check.md)")
+        p.add_argument("--root", metavar="DIR", help="read /proc/modules, /dev, /sys, /etc/cdi and the model cache "
+                       "under DIR instead of / (a host root mounted into a container; tests)")
     if command == "serve":
         p.add_argument("--once", action="store_true",
                        help="run one collection cycle of every enabled source, print the exposition, exit 0")
@@ -97,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(cfg["log.level"])
     if command == "check":
         from .check import run_check
-        return run_check(cfg)
+        return run_check(cfg, as_json=getattr(ns, "json", False), root=getattr(ns, "root", "/"))
     if command == "demo":
         from .demo import run_demo
         return run_demo(cfg)

@@ -174,6 +174,7 @@ class FakeImmich:
         self.extra_queues: dict[str, dict[str, int]] = {}  # names a newer release would add
         self.broken_entries: set[str] = set()  # queue names whose entry loses a required field
         self.ml_up = True
+        self.features_off: set[str] = set()  # features /api/server/features reports disabled
         self.ml_ping_json = False  # the older ML app answered the JSON string "pong"
         self.telemetry_offset: dict[str, int] = {}  # counters restart from 0 after a restart
         self.requests: list[Recorded] = []
@@ -287,7 +288,7 @@ class FakeImmich:
             else:
                 tag = "older_version"
         elif path == "/api/server/features":
-            body = {f: True for f in FEATURES_V3 if (f != "ocr" or self._v(2, 2))
+            body = {f: f not in self.features_off for f in FEATURES_V3 if (f != "ocr" or self._v(2, 2))
                     and (f != "realtimeTranscoding" or self._v(3, 0))}
             if not self._v(3, 0):
                 tag = "older_version"
