@@ -406,7 +406,7 @@ class NvmlSource(Source):
         self._backoff = min(self._backoff * 2, float(self.config["nvml.retry-interval"]))
         raise self._down from None
 
-    def _read_gpus(self, known: frozenset[int]) -> tuple[NvmlReading, dict[int, attr.ProcessInfo | None]]:
+    def _read_gpus(self, known: frozenset[int]) -> tuple[NvmlReading, Mapping[int, attr.ProcessInfo | None]]:
         """One NVML pass, then /proc only for the GPU processes the processes fact does not know."""
         reader = self._ensure_init()
         nv = reader.nv
@@ -423,12 +423,18 @@ class NvmlSource(Source):
         return reading, infos
 
     # -- event-loop side -----------------------------------------------------------------------------------
-    async def collect(self) -> CollectResult:
-        facts = self.hub.facts("processes")
-        identities: Mapping[int, attr.Identity] = facts.get("identities") or {}
-        comms: Mapping[int, str] = facts.get("comms") or {}
-        containers: Mapping[str, attr.Identity] = facts.get("containers") or {}
-        reading, infos = await self._worker.call(self._read_gpus, frozenset(identities))
+    async def read(self, known: frozenset[int]) -> tuple[NvmlReading, Mapping[int, attr.ProcessInfo | None]]:
+        """The I/O of one cycle (the demo replaces it): NVML, and /proc for the GPU processes not
+        in `known` (those the processes fact does not name)."""
+        return await self._worker.call(self._read_gpus, known)
+
+    def publish(self, reading: NvmlReading, infos: Mapping[int, attr.ProcessInfo | None],
+                processes: Mapping[str, Any], now: float) -> CollectResult:
+        """A reading labelled through the processes fact (`processes`: that source's facts) into
+        series and facts; advances the utilisation tracker (no I/O)."""
+        identities: Mapping[int, attr.Identity] = processes.get("identities") or {}
+        comms: Mapping[int, str] = processes.get("comms") or {}
+        containers: Mapping[str, attr.Identity] = processes.get("containers") or {}
 
         def view(pid: int) -> ProcView:
             who = identities.get(pid)
@@ -445,7 +451,6 @@ class NvmlSource(Source):
             return ProcView(pid, info.comm, who)
 
         views = {pid: view(pid) for g in reading.gpus for pid in g.processes}
-        now = time.monotonic()
         utils = {g.uuid: self._tracker.update(g.uuid, g.samples, g.processes, now) for g in reading.gpus}
         self._tracker.forget_except((g.uuid, pid) for g in reading.gpus for pid in g.processes)
 
@@ -455,6 +460,11 @@ class NvmlSource(Source):
             "gpu_pids": tuple(sorted(views)),
         }
         return CollectResult(tuple(samples), facts_out, reading.errors)
+
+    async def collect(self) -> CollectResult:
+        processes = self.hub.facts("processes")
+        reading, infos = await self.read(frozenset(processes.get("identities") or ()))
+        return self.publish(reading, infos, processes, time.monotonic())
 
     async def close(self) -> None:
         reader = self._reader

@@ -273,12 +273,14 @@ def read_boot_id(proc_root: str) -> str:
 # --- the source -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Reading:
-    """/proc facts of the members, read on the worker thread."""
+class ProcessesReading:
+    """What one cycle read: the I/O half of the source (`ProcessesSource.read`), input of the
+    pure half (`ProcessesSource.publish`)."""
 
-    infos: Mapping[int, attr.ProcessInfo]
-    unit_of: Mapping[int, str]  # pid -> unit, from systemd's facts
-    uptime: float | None
+    infos: Mapping[int, attr.ProcessInfo]  # the Immich owners' processes and systemd's unit PIDs
+    unit_of: Mapping[int, str] = dataclasses.field(default_factory=dict)  # pid -> unit, systemd's word
+    containers: Mapping[str, ContainerInfo] = dataclasses.field(default_factory=dict)  # every one the engine named
+    uptime: float | None = None  # seconds since boot when read (None: unknown, no ML CPU counted)
 
 
 class ProcessesSource(Source):
@@ -332,7 +334,7 @@ class ProcessesSource(Source):
         self.scanned_dirs = visited
         return list(owners.values())
 
-    def _members(self, unit_pids: Mapping[str, Sequence[int]], owners: Sequence[attr.Placement]) -> _Reading:
+    def _members(self, unit_pids: Mapping[str, Sequence[int]], owners: Sequence[attr.Placement]) -> ProcessesReading:
         """/proc facts of the units' PIDs and of the PIDs in the given owners' subtrees."""
         mounts = dict(self._scan_roots())
         unit_of = {pid: u for u, pids in unit_pids.items() for pid in pids}
@@ -351,7 +353,7 @@ class ProcessesSource(Source):
             uptime: float | None = read_uptime(self.proc_root)
         except (OSError, ValueError, IndexError):
             uptime = None
-        return _Reading(infos, unit_of, uptime)
+        return ProcessesReading(infos, unit_of, {}, uptime)
 
     # -- state file ---------------------------------------------------------------------------------
     def _load_state(self) -> None:
@@ -406,52 +408,57 @@ class ProcessesSource(Source):
     async def start(self) -> None:
         self._load_state()
 
-    async def collect(self) -> CollectResult:
-        systemd = self.hub.facts("systemd")
-        unit_pids = {u: tuple(p) for u, p in (systemd.get("unit_pids") or {}).items()
-                     if attr.component_of(self.patterns, u) != attr.OTHER}
+    async def read(self, unit_pids: Mapping[str, Sequence[int]]) -> ProcessesReading:
+        """The I/O of one cycle (the demo replaces it): walk the tree, ask the engine, read /proc."""
         # The walk finds every container; the Docker API says which are Immich's (cached per id
         # while the container lives); then only the Immich owners' members are read.
         owners = await self._worker.call(self._walk, frozenset(unit_pids))
         ids = [p.container_id for p in owners if p.container_id]
         containers = await self._docker.inspect(ids) if ids else {}
-        self._docker.forget_except(ids)  # also drops the inner ones, asked again (cached misses are cheap)
-        immich = [p for p in owners
-                  if identity_of(p, self.patterns, containers).component != attr.OTHER]
+        immich = [p for p in owners if identity_of(p, self.patterns, containers).component != attr.OTHER]
         reading = await self._worker.call(self._members, unit_pids, immich)
         # Containers met only through a member's own cgroup (a Quadlet container inside its Immich unit).
         inner = {i.placement.container_id for i in reading.infos.values()} - set(containers) - {""}
         if inner:
             containers = {**containers, **await self._docker.inspect(inner)}
+        self._docker.forget_except(set(ids) | inner)
+        return dataclasses.replace(reading, containers=containers)
 
+    def publish(self, reading: ProcessesReading, provider: str | None) -> CollectResult:
+        """Group a reading into the series and facts, advance the counters (no I/O)."""
         groups: dict[attr.Identity, list[ProcView]] = {}
         identities: dict[int, attr.Identity] = {}
         comms: dict[int, str] = {}
-        by_container: dict[str, attr.Identity] = {}
         ml_cpu: dict[tuple[int, int], float] = {}
         for pid, info in sorted(reading.infos.items()):
             unit = reading.unit_of.get(pid) if not info.placement.container_id else None
-            who = identity_of(info.placement, self.patterns, containers, unit)
+            who = identity_of(info.placement, self.patterns, reading.containers, unit)
             if who.component == attr.OTHER:
-                continue  # systemd's unit PIDs and Immich owners only: defensive
+                continue  # not Immich's: the reader passes Immich owners' members only, so never in practice
             identities[pid] = who
             comms[pid] = info.comm
-            if info.placement.container_id:
-                by_container[info.placement.container_id] = who
             groups.setdefault(who, []).append(ProcView(pid, info.comm, who, info.nice, info.memlock, info.rss_bytes,
                                                        info.cpu_seconds, info.start_ticks))
             if who.component == ML:
                 ml_cpu[(pid, info.start_ticks)] = info.cpu_seconds
-
         samples = process_samples(groups, self._cpu.update(groups))
         if reading.uptime is not None:
-            provider = self.hub.facts("journal").get("effective_provider")
             self.ml_cpu.observe(reading.uptime, ml_cpu, lambda ticks: ticks / attr.CLK_TCK, provider)
             self._dirty = True
-            await self._persist()
         samples += self.ml_cpu.samples()
-        facts = {"identities": identities, "comms": comms, "containers": by_container}
-        return CollectResult(tuple(samples), facts)
+        # Every container the engine named, Immich's or not: NVML names other GPU users by it too.
+        containers = {cid: attr.Identity(container_component(self.patterns, c.name, c), "", c.name)
+                      for cid, c in reading.containers.items()}
+        return CollectResult(tuple(samples), {"identities": identities, "comms": comms, "containers": containers})
+
+    async def collect(self) -> CollectResult:
+        systemd = self.hub.facts("systemd")
+        unit_pids = {u: tuple(p) for u, p in (systemd.get("unit_pids") or {}).items()
+                     if attr.component_of(self.patterns, u) != attr.OTHER}
+        reading = await self.read(unit_pids)
+        result = self.publish(reading, self.hub.facts("journal").get("effective_provider"))
+        await self._persist()
+        return result
 
     async def close(self) -> None:
         self._worker.shutdown()
