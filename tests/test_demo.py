@@ -76,11 +76,14 @@ async def test_every_metric_of_the_dashboard_and_the_rules_has_samples_within_20
 
 async def test_sources_carry_the_daemons_names_and_follow_the_collector_switches():
     r = Run()
-    assert [s.name for s in r.daemon.sources] == ["nvml", "systemd", "journal", "immich"]
+    assert [s.name for s in r.daemon.sources] == ["systemd", "processes", "nvml", "journal", "immich"]
     await r.close()
     cfg = config.load({"collector.nvml": False}, None, {})
     r = Run(cfg)
-    assert [s.name for s in r.daemon.sources] == ["systemd", "journal", "immich"]
+    assert [s.name for s in r.daemon.sources] == ["systemd", "processes", "journal", "immich"]
+    m = await r.to(5.0)  # the processes' tuning does not depend on NVML
+    assert value(m, "immich_process_nice", component="ml", unit=ML) == 0
+    assert not series(m, "immich_gpu_processes")
     await r.close()
 
 
