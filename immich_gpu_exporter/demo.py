@@ -42,7 +42,7 @@ from . import attribution as attr
 from .core import CollectResult
 from .docker_api import ContainerInfo
 from .sources.base import Source
-from .sources.immich import ImmichSource, _Failed
+from .sources.immich import ImmichSource, RequestFailed
 from .sources.journal import JournalSource
 from .sources.nvml import GpuReading, NvmlReading, NvmlSource, UtilSample
 from .sources.processes import ProcessesReading, ProcessesSource
@@ -653,18 +653,18 @@ class DemoImmich(ImmichSource):
     def interval(self) -> float:
         return INTERVAL
 
-    def _api_key(self) -> str | None:
+    def api_key(self) -> str | None:
         return "demo"
 
-    async def _get(self, url: str, key: str | None = None, *, prefix: str = "", want_json: bool = True) -> Any:
+    async def fetch(self, url: str, key: str | None = None, *, prefix: str = "", want_json: bool = True) -> Any:
         path = "/" + url.split("://", 1)[-1].split("/", 1)[-1]
         s = self.scenario
-        if url.startswith(self._ml_url):
+        if url.startswith(self.config["immich.ml-url"]):
             t = s.now()
             down, self._pinged = s.ml_outage(self._pinged, t), t
             if down:
-                raise _Failed(prefix + "unreachable", "immich.demo:3003/ping: ClientConnectorError: the ML service "
-                                                      "is restarting")
+                raise RequestFailed(prefix + "unreachable",
+                                    "immich.demo:3003/ping: ClientConnectorError: the ML service is restarting")
             raw = b"pong"
         else:
             raw = {"/api/server/ping": b'{"res":"pong"}', "/api/server/version": s.version_json(),
