@@ -307,3 +307,14 @@ def test_unwritable_state_directory_is_a_warning_not_a_failure(cg, tmp_path, cap
     r = collect(src)
     assert series(r, "immich_process_nice")
     assert "not writable" in caplog.text
+
+
+def test_cpu_totals_never_go_down_by_float_rounding():
+    from immich_gpu_exporter.sources.processes import CpuTotals, ProcView
+
+    who = attr.Identity("ml", ML_UNIT, "")
+    totals = CpuTotals()
+    view = lambda pid, cpu: ProcView(pid, "python", who, 0, None, 1, cpu, start=pid)  # noqa: E731
+    first = totals.update({who: [view(1, 0.1), view(2, 0.2), view(3, 0.3)]})[who]  # 0.6000000000000001
+    assert (0.1 + (0.2 + 0.3)) < first  # the carried-forward sum in the other order is an ulp lower
+    assert totals.update({who: [view(2, 0.2), view(3, 0.3)]})[who] >= first

@@ -79,6 +79,7 @@ class CpuTotals:
         self._live: dict[attr.Identity, dict[tuple[int, int | None], float]] = {}
         self._retired: dict[attr.Identity, dict[tuple[int, int | None], float]] = {}
         self._carried: dict[attr.Identity, float] = {}
+        self._reported: dict[attr.Identity, float] = {}
 
     def update(self, groups: Mapping[attr.Identity, Sequence[ProcView]]) -> dict[attr.Identity, float]:
         out: dict[attr.Identity, float] = {}
@@ -98,7 +99,8 @@ class CpuTotals:
             self._carried[who] = carried
             if cur:
                 self._live[who] = cur
-                out[who] = carried + sum(cur.values())
+                # Sums in another order can come out an ulp lower, and Prometheus would read that as a reset.
+                out[who] = self._reported[who] = max(carried + sum(cur.values()), self._reported.get(who, 0.0))
             else:
                 self._live.pop(who, None)
         return out
