@@ -42,7 +42,8 @@ from immich_gpu_exporter.sources.base import Hub
 from immich_gpu_exporter.sources.nvml import NvmlSource
 from immich_gpu_exporter.sources.processes import ProcessesSource
 cycles = int(sys.argv[1])
-cfg = config.load({"collector.systemd": False, "collector.journal": False, "collector.immich": False}, None, {})
+cfg = config.load({"collector.systemd": False, "collector.journal": False, "collector.immich": False,
+                   "systemd.cgroup-root": sys.argv[2], "docker.socket": "/nonexistent/docker.sock"}, None, {})
 snap = None
 async def timed(src):
     for _ in range(10):
@@ -110,9 +111,10 @@ print(json.dumps({"cpu_ms": (c1 - c0) / cycles * 1e3, "wall_ms": (w1 - w0) / cyc
 """
 
 
-def run(code: str, lib: pathlib.Path, scen: pathlib.Path, cycles: int, root: pathlib.Path = ROOT) -> dict:
+def run(code: str, lib: pathlib.Path, scen: pathlib.Path, cycles: int, root: pathlib.Path = ROOT,
+        *args: str) -> dict:
     env = dict(os.environ, LD_LIBRARY_PATH=str(lib), FAKE_NVML_SCENARIO=str(scen), PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "-c", code, str(cycles)], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code, str(cycles), *args], env=env, capture_output=True, text=True,
                          timeout=600)
     if out.returncode != 0:
         raise SystemExit(out.stderr)
@@ -124,6 +126,7 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=200)
     ap.add_argument("--others", type=int, default=2000)
     ap.add_argument("--sizes", default="0,1,10,100")
+    ap.add_argument("--cgroups", type=int, default=150, help="other units' cgroups in the walked tree")
     ap.add_argument("--before", type=pathlib.Path, help="a copy of the tree before issue 12, measured in the same run")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -136,6 +139,12 @@ def main() -> None:
             for _ in range(args.others):
                 others.append(subprocess.Popen(["sleep", "900"], stdin=subprocess.DEVNULL))
             unit = "system.slice/system-immich.slice/immich-machine-learning.service"
+            # The walked tree: a host's worth of other units' cgroups, a few containers that are not
+            # Immich's (no Docker socket: they stay short ids, asked once), and the ML unit.
+            for i in range(args.cgroups):
+                (cg.top / "system.slice" / f"other-{i}.service").mkdir(parents=True)
+            for i in range(5):
+                (cg.top / "system.slice" / f"docker-{i:02d}{'0' * 62}.scope").mkdir(parents=True)
             gpu_pids = [cg.spawn(unit) for _ in range(max(sizes))]
             cg.spawn(unit)  # the gunicorn arbiter: in the unit, not on the GPU
             nproc = len([p for p in os.listdir("/proc") if p.isdigit()])
@@ -152,7 +161,7 @@ def main() -> None:
                     scen.compute(pid, 300 * 2**20)
                     scen.lines.append(f"sample 0 {pid} {future} 30 10 0 0")
                 scen.write()
-                ours = run(OURS, lib, scen.path, args.cycles)
+                ours = run(OURS, lib, scen.path, args.cycles, ROOT, str(cg.top))
                 theirs = run(NVITOP, lib, scen.path, args.cycles)
                 if args.before:
                     ours["before_cpu_ms"] = run(BEFORE, lib, scen.path, args.cycles, args.before)["cpu_ms"]
@@ -174,7 +183,7 @@ def main() -> None:
         "# NVML and processes collection cycles: immich-gpu-exporter vs nvitop-exporter",
         "",
         f"`bench/bench_nvml.py --cycles {args.cycles} --others {args.others}"
-        f"{' --before DIR' if args.before else ''}`, {time.strftime('%Y-%m-%d')}, "
+        f" --cgroups {args.cgroups}{' --before DIR' if args.before else ''}`, {time.strftime('%Y-%m-%d')}, "
         f"Python {platform.python_version()}, nvitop-exporter {nvitop_exporter.__version__}, "
         f"{os.cpu_count()} CPUs (shared with other work), {nproc} processes on the host during the run. "
         "Both against the same fake libnvidia-ml.so.1 (one GPU), same scenario, same run; CPU time "
@@ -196,8 +205,9 @@ def main() -> None:
         "The NVML source, per cycle: the NVML calls, labelling each GPU process through the processes source's "
         "fact (the steady state: every GPU PID already known there; a PID not yet known costs one read of "
         "/proc/<pid>/stat and, once, its cgroup), the utilisation tracker and the samples. The processes source, "
-        "per cycle: a walk of the host's whole cgroup tree for Immich's units and containers (no systemd facts "
-        f"given, so the unit is found by the walk; {dirs} cgroup directories on this host), the unit's members "
+        "per cycle: a walk of the cgroup tree for Immich's units and containers (no systemd facts given, so the "
+        f"unit is found by the walk; {dirs} cgroup directories: {args.cgroups} other units, 5 foreign containers, "
+        "the ML unit), the unit's members "
         "from cgroup.procs, /proc/<pid>/stat of each member (start time, nice, CPU, RSS; cgroup, name and memlock "
         "limit once per (pid, start time)), grouping, the CPU counters and the samples. Together they do what "
         "one NVML cycle did before the split (and more: Immich's processes are found without a GPU). "

@@ -244,14 +244,15 @@ def scan_owners(mount: str, hierarchy: str, wanted_unit: Callable[[str], bool],
     return found, visited
 
 
-# v1 hierarchies worth a walk besides the v2 one: systemd's own tree (units, systemd-driver
-# containers) and one controller for cgroupfs-driver containers (/docker/<id>).
+# v1 hierarchies worth a walk: systemd's own tree (units, systemd-driver containers) where there
+# is no v2 one, and one controller for cgroupfs-driver containers (/docker/<id>).
 _SCAN_V1 = ("name=systemd", "pids", "memory", "cpu,cpuacct")
 
 
 def scan_roots(mounts: Mapping[str, str]) -> list[tuple[str, str]]:
-    """(hierarchy, mount) pairs to walk: cgroup2, name=systemd and the first controller present."""
-    out = [(h, mounts[h]) for h in ("", "name=systemd") if h in mounts]
+    """(hierarchy, mount) pairs to walk: cgroup2 (on a hybrid host systemd mirrors its tree there),
+    else name=systemd; and the first v1 controller present, for cgroupfs-driver containers."""
+    out = [(h, mounts[h]) for h in ("", "name=systemd") if h in mounts][:1]
     for h in _SCAN_V1[1:]:
         if h in mounts:
             out.append((h, mounts[h]))
@@ -332,7 +333,7 @@ class ProcessesSource(Source):
             found, n = scan_owners(mount, hierarchy, wanted)
             visited += n
             for p in found:  # the same owner seen in several hierarchies counts once
-                owners.setdefault(("c", p.container_id) if p.container_id else ("u", p.unit), p)
+                owners.setdefault(("c", p.container_id) if p.container_id else ("u", p.owner_cgroup), p)
         self.scanned_dirs = visited
         return list(owners.values())
 
@@ -410,15 +411,28 @@ class ProcessesSource(Source):
     async def start(self) -> None:
         self._load_state()
 
+    def _cycle(self, unit_pids: Mapping[str, Sequence[int]]) -> tuple[list[attr.Placement], ProcessesReading | None]:
+        """Walk, then read the members at once when the engine's answers about every container found
+        are cached (the steady state: one trip to the worker thread per cycle). The loop is waiting
+        on this call, so reading the client's cache here races with nothing."""
+        owners = self._walk(frozenset(unit_pids))
+        ids = [p.container_id for p in owners if p.container_id]
+        if self._docker.pending(ids):
+            return owners, None
+        containers = self._docker.cached(ids)
+        immich = [p for p in owners if identity_of(p, self.patterns, containers).component != attr.OTHER]
+        return owners, self._members(unit_pids, immich)
+
     async def read(self, unit_pids: Mapping[str, Sequence[int]]) -> ProcessesReading:
         """The I/O of one cycle (the demo replaces it): walk the tree, ask the engine, read /proc."""
         # The walk finds every container; the Docker API says which are Immich's (cached per id
-        # while the container lives); then only the Immich owners' members are read.
-        owners = await self._worker.call(self._walk, frozenset(unit_pids))
+        # while the container lives); only the Immich owners' members are read.
+        owners, reading = await self._worker.call(self._cycle, unit_pids)
         ids = [p.container_id for p in owners if p.container_id]
         containers = await self._docker.inspect(ids) if ids else {}
-        immich = [p for p in owners if identity_of(p, self.patterns, containers).component != attr.OTHER]
-        reading = await self._worker.call(self._members, unit_pids, immich)
+        if reading is None:
+            immich = [p for p in owners if identity_of(p, self.patterns, containers).component != attr.OTHER]
+            reading = await self._worker.call(self._members, unit_pids, immich)
         # Containers met only through a member's own cgroup (a Quadlet container inside its Immich unit).
         inner = {i.placement.container_id for i in reading.infos.values()} - set(containers) - {""}
         if inner:
