@@ -50,8 +50,10 @@ _PROC_GROUP = ("component", "unit", "container")
 
 _DEFS: list[MetricDef] = [
     # --- exporter self-health -------------------------------------------------------------
-    _m("immich_gpu_exporter_build_info", "gauge", "Version of the exporter and of the Python running it; always 1.",
-       ("version", "python_version")),
+    _m("immich_gpu_exporter_build_info", "gauge",
+       "Version of the exporter and of the Python running it; always 1. mode is \"demo\" when every value is "
+       "the built-in replay of `immich-gpu-exporter demo`, invented and not read from this host, else \"live\".",
+       ("version", "python_version", "mode")),
     _m("immich_gpu_exporter_source_up", "gauge",
        "1 if the source's last collection succeeded, 0 if it is down (see source_errors_total for why).",
        ("source",)),
