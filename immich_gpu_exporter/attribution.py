@@ -39,6 +39,7 @@ _PAYLOAD = re.compile(r"^libpod-payload-([0-9a-f]{64})$")
 _COLON = re.compile(r"^([^:/]+\.slice):([a-z-]+):([0-9a-f]{64})$")
 # cgroupfs-driver parents whose child segment is the container id.
 _CGROUPFS_PARENTS = {"docker": "docker", "libpod_parent": "libpod", "lxc.payload": "lxc"}
+CGROUPFS_PARENTS = frozenset(_CGROUPFS_PARENTS)  # a child of these is a container whatever its name
 # kubelet's pod slice; kind and other nested kubelets prefix it ("kubelet-kubepods-...").
 _POD_SLICE = re.compile(r"^(?:[a-z0-9]+-)*kubepods(?:-[a-z]+)?-pod([0-9a-f_]{36})\.slice$")
 _USER_MANAGER = re.compile(r"^user@\d+\.service$")

@@ -135,6 +135,8 @@ def test_walk_finds_units_and_containers_and_skips_their_subtrees(tmp_path):
         f"/docker/{CID2}",
         f"/system.slice/immich-ml.service/libpod-payload-{CID2}",
         f"/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{CID}.scope/container",
+        f"/kubepods/burstable/pod{'8d3f2a6e-1b4c-4d7e-9f0a-2b3c4d5e6f70'}/{'ab' * 32}",
+        "/lxc.payload/photos",
     ])
     found, visited = scan_owners(str(tmp_path), "", lambda u: u in (ML_UNIT, SERVER_UNIT))
     owners = sorted((p.unit, p.container_id[:4], p.owner_cgroup) for p in found)
@@ -145,6 +147,8 @@ def test_walk_finds_units_and_containers_and_skips_their_subtrees(tmp_path):
         ("", CID2[:4], f"/docker/{CID2}"),
         ("immich-ml.service", CID2[:4], f"/system.slice/immich-ml.service/libpod-payload-{CID2}"),  # Quadlet
         ("", CID[:4], f"/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{CID}.scope"),
+        ("", "abab", f"/kubepods/burstable/pod8d3f2a6e-1b4c-4d7e-9f0a-2b3c4d5e6f70/{'ab' * 32}"),
+        ("", "phot", "/lxc.payload/photos"),
     ])
     assert visited > len(owners)
 

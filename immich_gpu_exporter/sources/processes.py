@@ -210,13 +210,14 @@ def scan_owners(mount: str, hierarchy: str, wanted_unit: Callable[[str], bool],
                 limit: int = MAX_SCAN_DIRS) -> tuple[list[attr.Placement], int]:
     """Units the caller wants and every container below `mount`: their placements (owner cgroups)
     and the number of directories visited. A container's or wanted unit's subtree is not entered:
-    it belongs to its owner. Everything else is (slices, other units: a Quadlet or rootless podman
-    container lives inside a unit)."""
+    it belongs to its owner. Everything else with subdirectories is (slices, other units: a
+    Quadlet or rootless podman container lives inside a unit)."""
     found: list[attr.Placement] = []
-    stack = [""]
+    stack = [("", False)]  # (cgroup, inside a unit: then no unit below is an owner, the outer one is)
     visited = 0
     while stack and visited <= limit:
-        rel = stack.pop()
+        rel, in_unit = stack.pop()
+        under_cgroupfs_parent = rel.rsplit("/", 1)[-1] in attr.CGROUPFS_PARENTS
         try:
             it = os.scandir(mount + rel if rel else mount)
         except OSError:
@@ -231,15 +232,23 @@ def scan_owners(mount: str, hierarchy: str, wanted_unit: Callable[[str], bool],
                 visited += 1
                 if visited > limit:
                     break
-                child = f"{rel}/{entry.name}"
-                p = attr.placement(child, hierarchy)
-                if p.container_id:
-                    if p.owner_cgroup == p.cgroup:
-                        found.append(p)
-                    continue
-                if p.unit and p.owner_cgroup == p.cgroup and wanted_unit(p.unit):
-                    found.append(p)
-                    continue
+                name = entry.name
+                child = f"{rel}/{name}"
+                unit_here = in_unit
+                # Only a name holding a container id (64 hex digits), a cgroupfs runtime's child or an
+                # outermost unit can make an owner; placement() is the cost, so it runs for those only.
+                if len(name) >= 64 or under_cgroupfs_parent:
+                    p = attr.placement(child, hierarchy)
+                    if p.container_id:
+                        if p.owner_cgroup == p.cgroup:
+                            found.append(p)
+                        continue
+                    unit_here = in_unit or bool(p.unit)
+                elif name.endswith(attr.UNIT_SUFFIXES) and not in_unit:
+                    if wanted_unit(name):
+                        found.append(attr.placement(child, hierarchy))
+                        continue
+                    unit_here = True
                 # A directory's link count is 2 + its subdirectories (cgroupfs keeps it so, like most
                 # filesystems; btrfs says 1): a leaf is not listed, and a cgroup lists some 15-70
                 # control files, so this saves most of the walk's cost.
@@ -248,7 +257,7 @@ def scan_owners(mount: str, hierarchy: str, wanted_unit: Callable[[str], bool],
                         continue
                 except OSError:
                     continue
-                stack.append(child)
+                stack.append((child, unit_here))
     return found, visited
 
 
