@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -324,6 +325,9 @@ class ProcessesSource(Source):
         self._last_persist = 0.0
         self._dirty = False
         self.scanned_dirs = 0  # directories visited in the last walk, for the benchmark
+        # Every cycle's walk meets the same unit names; fnmatch over the globs is the walk's main cost.
+        self._unit_component = functools.lru_cache(maxsize=4096)(
+            lambda unit: attr.component_of(self.patterns, unit))
 
     # -- worker-thread side -------------------------------------------------------------------------
     def _scan_roots(self) -> list[tuple[str, str]]:
@@ -342,7 +346,7 @@ class ProcessesSource(Source):
     def _walk(self, systemd_units: frozenset[str]) -> list[attr.Placement]:
         """Owners in the cgroup tree: every container, and the Immich units systemd did not give."""
         def wanted(unit: str) -> bool:
-            return unit not in systemd_units and attr.component_of(self.patterns, unit) != attr.OTHER
+            return unit not in systemd_units and self._unit_component(unit) != attr.OTHER
 
         owners: dict[tuple[str, str], attr.Placement] = {}
         visited = 0
