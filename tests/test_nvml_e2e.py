@@ -254,7 +254,8 @@ def test_once_without_nvml_library_source_down_others_unaffected(fake_lib, scena
 
     def others(p):
         return {k: v for k, v in p.items() if not k[0].startswith("immich_gpu") and "nvml" not in dict(k[1]).values()
-                and not k[0].startswith("immich_gpu_exporter_source_") and not k[0].startswith("immich_process")}
+                and not k[0].startswith("immich_gpu_exporter_source_")
+                and not k[0].startswith(("immich_process", "immich_ml_cpu_seconds"))}  # this host's processes
     assert others(a) == others(b) and others(a)
     assert ex.value(b, "immich_gpu_exporter_source_up", source="immich") == \
         ex.value(a, "immich_gpu_exporter_source_up", source="immich")
@@ -304,8 +305,12 @@ def test_daemon_library_installed_later_is_picked_up(fake_lib, scenario, tmp_pat
 
 def test_daemon_no_new_samples_keep_the_last_value_and_gone_processes_disappear(fake_lib, scenario):
     first, second = os.getpid(), os.getppid()
-    scenario.compute(first, 10).sample(first, 0.1, 40).write()
+    scenario.compute(first, 10).write()
     with Exporter([*DAEMON, "--gpu.pid-labels"], env=env_for(fake_lib, scenario)) as e:
+        # the sample is written once the daemon runs: its first cursor is "now minus one window", so a
+        # sample written before a slow start would already be older than that
+        wait_for(lambda: up(scrape(e)) == 1, what="nvml up")
+        scenario.sample(first, 0.1, 40).write()
         wait_for(lambda: ex.value(scrape(e), "immich_gpu_pid_sm_utilization_ratio", pid=str(first)) == 0.4)
         ts0 = ex.value(scrape(e), "immich_gpu_exporter_source_last_success_timestamp_seconds", source="nvml")
         # several cycles later the driver still says NotFound (nothing newer than the cursor)

@@ -181,11 +181,13 @@ class Facts:
         return Snapshot(1, MappingProxyType(states), MappingProxyType({}))
 
 
-def make_source(cg: CgroupTree, tmp_path, facts: Facts | None = None, **cfg) -> ProcessesSource:
+def make_source(cg: CgroupTree, tmp_path, facts: Facts | None = None, daemon: bool = True, **cfg) -> ProcessesSource:
     values = dict(systemd_cgroup_root=str(cg.top), state_directory=str(tmp_path / "state"),
                   docker_socket=str(tmp_path / "no-docker.sock"))
     values.update(cfg)
     src = ProcessesSource(configmod.defaults().replace(**values), Hub((facts or Facts()).snapshot))
+    if daemon:  # as the daemon does before start(); --once does not
+        src.bind_wake(asyncio.Event())
     return src
 
 
@@ -334,3 +336,12 @@ def test_cpu_totals_never_go_down_by_float_rounding():
     first = totals.update({who: [view(1, 0.1), view(2, 0.2), view(3, 0.3)]})[who]  # 0.6000000000000001
     assert (0.1 + (0.2 + 0.3)) < first  # the carried-forward sum in the other order is an ulp lower
     assert totals.update({who: [view(2, 0.2), view(3, 0.3)]})[who] >= first
+
+
+def test_a_single_pass_reads_the_state_but_never_writes_it(cg, tmp_path):
+    cg.spawn(f"system.slice/{ML_UNIT}")
+    once = make_source(cg, tmp_path, daemon=False)
+    asyncio.run(once.start())
+    collect(once)
+    asyncio.run(once.close())
+    assert not (tmp_path / "state").exists()

@@ -380,7 +380,7 @@ class ProcessesSource(Source):
         return ProcessesReading(infos, unit_of, {}, uptime)
 
     # -- state file ---------------------------------------------------------------------------------
-    def _load_state(self) -> None:
+    def _load_state(self, writable: bool = True) -> None:
         boot_id = read_boot_id(self.proc_root)
         self.ml_cpu.boot_id = boot_id
         path = os.path.join(self._state_dir, STATE_FILE)
@@ -397,6 +397,8 @@ class ProcessesSource(Source):
             log.warning("processes: ignoring unreadable state file %s: %s", path, e)
             self.ml_cpu = ProviderCpu()
             self.ml_cpu.boot_id = boot_id
+        if not writable:
+            return
         try:
             os.makedirs(self._state_dir, exist_ok=True)
             probe = os.path.join(self._state_dir, ".processes-probe")
@@ -430,7 +432,9 @@ class ProcessesSource(Source):
 
     # -- event-loop side ----------------------------------------------------------------------------
     async def start(self) -> None:
-        self._load_state()
+        # The daemon binds a wake-up event before start(); a single pass (--once) does not, and then the
+        # state is read (the counter continues) but never written (as the journal source's cursor).
+        self._load_state(writable=self._wake is not None)
 
     def _cycle(self, unit_pids: Mapping[str, Sequence[int]]) -> tuple[list[attr.Placement], ProcessesReading | None]:
         """Walk, then read the members at once when the engine's answers about every container found
