@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import sys
@@ -25,8 +26,8 @@ from immich_gpu_exporter.core import CollectResult, Snapshot, SourceState
 from immich_gpu_exporter.docker_api import ContainerInfo
 from immich_gpu_exporter.metrics import check_sample
 from immich_gpu_exporter.sources.base import Hub
-from immich_gpu_exporter.sources.processes import ProcessesSource, ProviderCpu, identity_of, scan_owners, \
-    scan_roots
+from immich_gpu_exporter.sources.processes import CpuTotals, ProcessesSource, ProcView, ProviderCpu, identity_of, \
+    process_samples, scan_owners, scan_roots
 from tests.support.nvml import CgroupTree
 from tests.support.proc import wait_for
 
@@ -328,8 +329,6 @@ def test_unwritable_state_directory_is_a_warning_not_a_failure(cg, tmp_path, cap
 
 
 def test_cpu_totals_never_go_down_by_float_rounding():
-    from immich_gpu_exporter.sources.processes import CpuTotals, ProcView
-
     who = attr.Identity("ml", ML_UNIT, "")
     totals = CpuTotals()
     view = lambda pid, cpu: ProcView(pid, "python", who, 0, None, 1, cpu, start=pid)  # noqa: E731
@@ -345,3 +344,42 @@ def test_a_single_pass_reads_the_state_but_never_writes_it(cg, tmp_path):
     collect(once)
     asyncio.run(once.close())
     assert not (tmp_path / "state").exists()
+
+
+# --- grouping and the CPU counter (pure) ------------------------------------------------------------
+
+MLW = attr.Identity("ml", ML_UNIT, "")
+SRVW = attr.Identity("server", SERVER_UNIT, "")
+
+def test_process_samples_lowest_nice_and_memlock_summed_rss_and_cpu():
+    out = process_samples({MLW: [ProcView(1, "gunicorn", MLW, 0, math.inf, 100, 1.5),
+                                ProcView(2, "python", MLW, -10, 65536, 300, 2.0)],
+                           SRVW: [ProcView(3, "node", SRVW, None)]})  # gone: no series
+    for x in out:
+        check_sample(x)
+    vals = {x.name: x.value for x in out}
+    assert vals == {"immich_process_nice": -10, "immich_process_memlock_limit_bytes": 65536,
+                    "immich_process_resident_memory_bytes": 400, "immich_process_cpu_seconds_total": 3.5}
+
+
+
+def test_cpu_counter_survives_worker_exits_and_membership_flicker():
+
+    totals = CpuTotals()
+    arbiter = ProcView(1, "gunicorn", MLW, 0, None, 100, 10.0, start=5)
+    worker = lambda cpu, pid=2, start=7: ProcView(pid, "python", MLW, -10, None, 300, cpu, start=start)  # noqa: E731
+    seen = [totals.update({MLW: [arbiter, worker(100.0)]})[MLW]]
+    seen.append(totals.update({MLW: [arbiter, worker(150.0)]})[MLW])
+    # idle shutdown: the worker is gone, a new one (new PID) has used little CPU so far
+    seen.append(totals.update({MLW: [arbiter, worker(1.0, pid=3, start=900)]})[MLW])
+    # the systemd source missed a cycle: only the GPU-less arbiter is a member for one cycle...
+    seen.append(totals.update({MLW: [arbiter]})[MLW])
+    # ...and the new worker is back, with its own CPU grown a bit: not counted twice
+    seen.append(totals.update({MLW: [arbiter, worker(3.0, pid=3, start=900)]})[MLW])
+    # PID 3 reused by another process (another start time): a new process, the old one is carried
+    seen.append(totals.update({MLW: [arbiter, worker(0.5, pid=3, start=5000)]})[MLW])
+    assert seen == [110.0, 160.0, 161.0, 161.0, 163.0, 163.5]
+    assert all(b >= a for a, b in zip(seen, seen[1:]))
+    # the whole group away for a cycle: no series, and it continues where it was
+    assert MLW not in totals.update({})
+    assert totals.update({MLW: [arbiter]})[MLW] == 163.5
