@@ -4,7 +4,8 @@
     python grafana/build_dashboard.py --check  # exit 1 if the JSON is out of date (a test runs this)
 
 Every query names only metrics from immich_gpu_exporter/metrics.py and filters by the
-dashboard variables `$instance` and (for GPU panels) `$gpu`. The layout is computed: panels
+dashboard variables `$immich` (the installation: the `immich` target label of a two-host, remote-ML
+set-up, docs/remote-ml.md; "All" matches hosts without it), `$instance` and (for GPU panels) `$gpu`. The layout is computed: panels
 flow left to right in rows of 24 columns.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 OUT = pathlib.Path(__file__).resolve().parent / "immich-gpu-dashboard.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-I = 'instance=~"$instance"'  # noqa: E741 - the filter every query carries
+I = 'immich=~"$immich", instance=~"$instance"'  # noqa: E741 - the filter every query carries
 G = f'{I}, gpu=~"$gpu"'
 ML_QUEUES = 'queue=~"smartSearch|faceDetection|ocr"'
 
@@ -272,13 +273,20 @@ def build() -> dict[str, Any]:
     variables = [
         {"type": "datasource", "name": "datasource", "label": "Data source", "query": "prometheus",
          "current": {}, "hide": 0, "refresh": 1, "options": []},
-        {"type": "query", "name": "instance", "label": "Instance", "datasource": DS,
-         "query": {"query": "label_values(immich_gpu_exporter_build_info, instance)", "refId": "instance"},
-         "definition": "label_values(immich_gpu_exporter_build_info, instance)", "refresh": 2, "includeAll": True,
+        # An installation on two hosts (remote ML) is one `immich` value; "All" (.*) also matches the
+        # hosts that have no such label (one-host installations need none).
+        {"type": "query", "name": "immich", "label": "Installation", "datasource": DS,
+         "query": {"query": "label_values(immich_gpu_exporter_build_info, immich)", "refId": "immich"},
+         "definition": "label_values(immich_gpu_exporter_build_info, immich)", "refresh": 2, "includeAll": True,
          "multi": True, "allValue": ".*", "current": {}, "options": [], "sort": 1},
+        {"type": "query", "name": "instance", "label": "Instance", "datasource": DS,
+         "query": {"query": 'label_values(immich_gpu_exporter_build_info{immich=~"$immich"}, instance)',
+                   "refId": "instance"},
+         "definition": 'label_values(immich_gpu_exporter_build_info{immich=~"$immich"}, instance)', "refresh": 2,
+         "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "options": [], "sort": 1},
         {"type": "query", "name": "gpu", "label": "GPU", "datasource": DS,
-         "query": {"query": 'label_values(immich_gpu_info{instance=~"$instance"}, gpu)', "refId": "gpu"},
-         "definition": 'label_values(immich_gpu_info{instance=~"$instance"}, gpu)', "refresh": 2,
+         "query": {"query": f'label_values(immich_gpu_info{{{I}}}, gpu)', "refId": "gpu"},
+         "definition": f'label_values(immich_gpu_info{{{I}}}, gpu)', "refresh": 2,
          "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "options": [], "sort": 1},
     ]
     return {

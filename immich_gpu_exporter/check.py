@@ -187,6 +187,42 @@ def _gib(b: float) -> str:
 # the checks (pure)
 # --------------------------------------------------------------------------------------------------
 
+def _role(ev: Evidence) -> str:
+    return str(ev.config.get("deployment.role") or "all")
+
+
+def check_role(ev: Evidence) -> Finding:
+    t = "role of this host"
+    role = _role(ev)
+    if role == "all":
+        return Finding("role", t, PASS, "all: the server and the ML service run on this host "
+                       "(--deployment.role=ml/server when the ML service runs elsewhere; docs/remote-ml.md)")
+    if role == "ml":
+        return Finding("role", t, PASS, "ml: this host's GPU, ML unit or container and the provider verdict are "
+                       "checked here; job queues, seconds per job and Immich's ML settings only on the server "
+                       "host's exporter (give both scrape targets the same `immich` label)")
+    st = ev.state("remote")
+    urls = list(ev.config.get("remote-ml.exporter-url") or ())
+    if not urls:
+        return Finding("role", t, WARN, "server: no --remote-ml.exporter-url, so seconds per job carry no "
+                       "provider and the ML verdict is not seen from here",
+                       "set --remote-ml.exporter-url to the ML host exporter's /metrics URL")
+    ups = {dict(s.labels).get("exporter"): s.value == 1 for s in ev.samples("immich_remote_ml_exporter_up", "remote")}
+    down = [u for u, ok in ups.items() if not ok]
+    facts = ev.facts("remote")
+    serving = facts.get("serving_ml_url")
+    eff = facts.get("effective_provider")
+    details = {"exporters": ups, "serving_ml_url": serving, "effective_provider": eff}
+    if st is None or not st.up or down or not ups:
+        which = ", ".join(down) or ", ".join(urls)
+        return Finding("role", t, WARN, f"server: the ML host's exporter ({which}) does not answer; seconds per "
+                       "job carry no provider meanwhile", "check that exporter and its listen address/firewall",
+                       details)
+    return Finding("role", t, PASS, f"server: the ML work goes to {serving or '?'} (inferred: the first healthy ML "
+                   f"URL), whose exporter reports {eff or 'no provider yet'}; its GPU, units and log are checked "
+                   "on that host", details=details)
+
+
 def check_driver(ev: Evidence) -> Finding:
     t = "NVIDIA driver and NVML"
     st = ev.state("nvml")
@@ -350,6 +386,10 @@ def check_services(ev: Evidence) -> Finding:
 
 def check_provider(ev: Evidence) -> Finding:
     t = "ONNX execution provider (journal)"
+    if _role(ev) == "server":
+        eff = ev.facts("remote").get("effective_provider")
+        return Finding("provider", t, SKIP, "role server: the ML service's log is on the ML host; its exporter "
+                       f"reports {eff or 'no provider'} (run check there for the evidence)")
     st = ev.state("journal")
     if st is None:
         return Finding("provider", t, SKIP, "the journal collector is disabled")
@@ -388,6 +428,8 @@ def check_provider(ev: Evidence) -> Finding:
 
 def check_gpu_memory(ev: Evidence) -> Finding:
     t = "GPU memory held by the ML service"
+    if _role(ev) == "server":
+        return Finding("gpu_memory", t, SKIP, "role server: the ML processes run on the ML host (run check there)")
     st = ev.state("nvml")
     if st is None or not st.up:
         return Finding("gpu_memory", t, SKIP, "NVML is not usable here (see the driver check)")
@@ -414,6 +456,8 @@ def check_gpu_memory(ev: Evidence) -> Finding:
 def check_ml_features(ev: Evidence) -> Finding:
     t = "Immich ML features and /ping"
     st = ev.state("immich")
+    if st is None and _role(ev) == "ml":
+        return Finding("ml_features", t, SKIP, "role ml: Immich's API is on the server host (run check there)")
     if st is None:
         return Finding("ml_features", t, SKIP, "the immich collector is disabled")
     up = _value_of(ev.samples("immich_server_up", "immich"))
@@ -578,7 +622,7 @@ def _cache_problem(ev: Evidence, cache: str, uid: int | None) -> str:
 
 
 CHECKS: tuple[Callable[[Evidence], Finding], ...] = (
-    check_driver, check_modules, check_devices, check_container_gpu, check_services, check_provider,
+    check_role, check_driver, check_modules, check_devices, check_container_gpu, check_services, check_provider,
     check_gpu_memory, check_ml_features, check_tuning, check_environment,
 )
 
@@ -631,7 +675,7 @@ def render_json(findings: Sequence[Finding]) -> str:
 
 # Sources run in this order so that each sees the facts it needs (unit PIDs before NVML/processes,
 # NVML memory before the journal's cross-check, the provider before the Immich timings).
-ORDER = ("systemd", "processes", "nvml", "journal", "immich")
+ORDER = ("systemd", "processes", "nvml", "journal", "immich", "remote")
 
 
 def _read_proc(proc_root: str, pid: int) -> MLProcess | None:
@@ -674,8 +718,8 @@ async def gather(cfg: Mapping[str, Any], root: str = "/", timeout: float = GATHE
         values["state.directory"] = state_dir
         run_cfg = configmod.Config(values)
         daemon = Daemon()
-        names = [n for n in ORDER if n in sources.SOURCES and run_cfg.get(f"collector.{n}", False)]
-        names += [n for n in sources.SOURCES if n not in names and run_cfg.get(f"collector.{n}", False)]
+        enabled = sources.enabled(run_cfg)
+        names = [n for n in ORDER if n in enabled] + [n for n in enabled if n not in ORDER]
         for n in names:
             daemon.add(sources.create(n, run_cfg, daemon.hub))
         try:

@@ -170,7 +170,7 @@ def make_daemon(cfg: configmod.Config):  # type: ignore[no-untyped-def]
     from . import sources
     from .daemon import Daemon
 
-    daemon = Daemon()
+    daemon = Daemon(role=cfg["deployment.role"])
     for name in sources.enabled(cfg):
         daemon.add(sources.create(name, cfg, daemon.hub))
     return daemon

@@ -29,20 +29,20 @@ MIN_WAKE_GAP = 0.05  # seconds: coalesce bursts of wake-ups (a burst of journal 
 MODES = ("live", "demo")  # demo: the values are `immich-gpu-exporter demo`'s invented replay
 
 
-def build_labels(mode: str = "live") -> dict[str, str]:
+def build_labels(mode: str = "live", role: str = "all") -> dict[str, str]:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    return {"version": __version__, "python_version": platform.python_version(), "mode": mode}
+    return {"version": __version__, "python_version": platform.python_version(), "mode": mode, "role": role}
 
 
 class Daemon:
     def __init__(self, sources: Iterable[Source] | None = None, clock: Callable[[], float] = time.time,
-                 strict_samples: bool = False, mode: str = "live") -> None:
+                 strict_samples: bool = False, mode: str = "live", role: str = "all") -> None:
         self.sources: list[Source] = []
         self.hub = Hub(lambda: self._snapshot)
         self._clock = clock
         self._strict = strict_samples
-        self._snapshot = Snapshot(0, MappingProxyType({}), MappingProxyType(build_labels(mode)))
+        self._snapshot = Snapshot(0, MappingProxyType({}), MappingProxyType(build_labels(mode, role)))
         self._rendered: Rendered | None = None
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

@@ -29,7 +29,7 @@ ML_UNIT = "immich-machine-learning.service"
 SERVER_UNIT = "immich-server.service"
 KEY = "check-key-6c1d2e"
 DEADLINE = 20.0
-CHECK_IDS = ["driver", "modules", "devices", "container_gpu", "services", "provider", "gpu_memory", "ml_features",
+CHECK_IDS = ["role", "driver", "modules", "devices", "container_gpu", "services", "provider", "gpu_memory", "ml_features",
              "tuning", "environment"]
 
 
@@ -255,9 +255,8 @@ def journal_with(tmp: pathlib.Path, export: bytes) -> pathlib.Path:
 
 
 def test_provider_fail_on_a_fallback_journal(tmp_path: pathlib.Path) -> None:
-    real = pathlib.Path(__file__).parent / "fixtures" / "real-ml"
-    exports = sorted(real.glob("*nodriver*/unit.export")) if real.is_dir() else []
-    export = exports[0].read_bytes() if exports else jr.fixture("ep_fallback.export")
+    # the real Immich v3.1.0 ML service with CUDA libraries but no driver (tests/fixtures/real-ml)
+    export = (pathlib.Path(__file__).parent / "fixtures/real-ml/v3.1.0-gpu-nodriver-nixpkgs/unit.export").read_bytes()
     args = [a for a in bare_args(tmp_path) if not a.startswith("--journal.directory")]
     d = journal_with(tmp_path, export)
     _, by_id, _ = check(args + [f"--journal.directory={d}", "--no-collector.nvml"])
@@ -386,7 +385,7 @@ def test_units_healthy_host(nested_systemd: NestedSystemd, tmp_path: pathlib.Pat
     rc, by_id, _ = check(unit_args(ns, tmp_path, root), {"DBUS_SYSTEM_BUS_ADDRESS": ns.bus_address,
                                                         **env_for(fake_lib, scen)})
     st = statuses(by_id)
-    assert st == {"driver": "PASS", "modules": "PASS", "devices": "PASS", "container_gpu": "SKIP",
+    assert st == {"role": "PASS", "driver": "PASS", "modules": "PASS", "devices": "PASS", "container_gpu": "SKIP",
                   "services": "PASS", "provider": "PASS", "gpu_memory": "PASS", "ml_features": "SKIP",
                   "tuning": "PASS", "environment": st["environment"]}, json.dumps(by_id, indent=1)
     assert rc == 0
@@ -438,3 +437,47 @@ def test_check_leaves_the_daemons_journal_state_alone(tmp_path: pathlib.Path) ->
     check(bare_args(tmp_path) + ["--no-collector.nvml", f"--state.directory={state}"])
     assert {p.name: p.read_bytes() for p in state.iterdir()} == before
     time.sleep(0)  # (check is synchronous: nothing writes after it returned)
+
+
+# --------------------------------------------------------------------------------------------------
+# roles (remote machine learning): each host says what it plays and what it cannot see from there
+# --------------------------------------------------------------------------------------------------
+
+def test_role_rows_on_each_host(tmp_path: pathlib.Path) -> None:
+    _, by_id, _ = check(bare_args(tmp_path) + ["--no-collector.nvml"])
+    assert by_id["role"]["status"] == "PASS" and by_id["role"]["finding"].startswith("all:")
+
+    _, by_id, _ = check(bare_args(tmp_path) + ["--no-collector.nvml", "--deployment.role=ml"])
+    assert by_id["role"]["finding"].startswith("ml:") and "server host" in by_id["role"]["finding"]
+    assert by_id["ml_features"]["status"] == "SKIP" and "role ml" in by_id["ml_features"]["finding"]
+
+    _, by_id, _ = check(bare_args(tmp_path) + ["--no-collector.nvml", "--deployment.role=server"])
+    assert by_id["role"]["status"] == "WARN" and "--remote-ml.exporter-url" in by_id["role"]["fix"]
+    assert by_id["provider"]["status"] == "SKIP" and "role server" in by_id["provider"]["finding"]
+    assert by_id["gpu_memory"]["status"] == "SKIP" and "ML host" in by_id["gpu_memory"]["finding"]
+
+    _, by_id, _ = check(bare_args(tmp_path) + ["--no-collector.nvml", "--deployment.role=server",
+                                               f"--remote-ml.exporter-url={closed_url()}/metrics"])
+    assert by_id["role"]["status"] == "WARN" and "does not answer" in by_id["role"]["finding"]
+
+
+def test_role_server_names_the_serving_ml_host_and_its_provider(tmp_path: pathlib.Path) -> None:
+    from aiohttp import web
+
+    from tests.test_nvml_e2e import ThreadedServer  # an aiohttp app on a loopback port, in its own thread
+
+    text = ('immich_gpu_exporter_source_up{source="journal"} 1\n'
+            'immich_ml_execution_provider{provider="CUDAExecutionProvider"} 1\n')
+    app = web.Application()
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(text=text)
+    app.router.add_get("/metrics", handle)
+    with FakeImmich(keys={KEY: Key()}) as fake, ThreadedServer(app) as exp:
+        args = [a for a in bare_args(tmp_path) if not a.startswith("--immich.")]
+        args += [f"--immich.url={fake.url}", f"--immich.ml-url={fake.ml_url}", "--no-collector.nvml",
+                 "--deployment.role=server", f"--remote-ml.exporter-url=http://127.0.0.1:{exp.port}/metrics"]
+        _, by_id, _ = check(args, {"IMMICH_GPU_EXPORTER_IMMICH_API_KEY": KEY})
+    f = by_id["role"]
+    assert f["status"] == "PASS", f
+    assert fake.ml_url in f["finding"] and "CUDAExecutionProvider" in f["finding"]

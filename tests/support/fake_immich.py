@@ -83,7 +83,8 @@ class QueueSim:
 
     def __init__(self, name: str, *, concurrency: int, arrivals: Iterable[float],
                  job_seconds: Mapping[str, float] | float, provider_at: Callable[[float], str] = lambda t: "",
-                 failed: int = 0) -> None:
+                 failed: int = 0, pause: tuple[float, float] | None = None) -> None:
+        # pause: (from, to) in which no job starts (the ML service restarting, e.g. to switch to CUDA)
         self.name = name
         self.concurrency = concurrency
         self.failed = failed
@@ -92,6 +93,8 @@ class QueueSim:
         jobs = []
         for a in sorted(arrivals):
             start = max(a, heapq.heappop(free))
+            if pause is not None and pause[0] <= start < pause[1]:
+                start = pause[1]
             p = provider_at(start)
             end = start + (per[p] if per is not None else float(job_seconds))  # type: ignore[arg-type]
             heapq.heappush(free, end)
