@@ -155,18 +155,28 @@ def build() -> dict[str, Any]:
               "Job-seconds of work divided by jobs finished, over the dashboard's time range.", min=0)
     p["options"] = {"orientation": "horizontal", "displayMode": "gradient", "showUnfilled": True,
                     "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
-    L.add(p, 9, 8)
+    L.add(p, 8, 8)
+    cpu_per_job = (f"sum by (provider) (increase(immich_ml_cpu_seconds_total{{{I}, provider!=\"\"}}[$__range]))"
+                   f" / on (provider) sum by (provider) (increase(immich_queue_jobs_processed_total{{{I}, {known}}}"
+                   f"[$__range]))")
+    p = panel("bargauge", "ML CPU seconds per job by provider", [target(cpu_per_job, "{{provider}}", instant=True)],
+              "s", "CPU time the ML processes spent, divided by the smartSearch, faceDetection and ocr jobs finished, "
+              "by the provider in force, over the time range. Falls sharply on a GPU; stays high on a CPU "
+              "fallback, whatever the logs say.", min=0)
+    p["options"] = {"orientation": "horizontal", "displayMode": "gradient", "showUnfilled": True,
+                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
+    L.add(p, 6, 8)
     speedup = (f"(sum by (queue) (increase(immich_queue_active_job_seconds_total{{{I}, {ML_QUEUES}, provider=\"CPUExecutionProvider\"}}[$__range]))"
                f" / sum by (queue) (increase(immich_queue_jobs_processed_total{{{I}, {ML_QUEUES}, provider=\"CPUExecutionProvider\"}}[$__range])))"
                f" / (sum by (queue) (increase(immich_queue_active_job_seconds_total{{{I}, {ML_QUEUES}, provider=\"CUDAExecutionProvider\"}}[$__range]))"
                f" / sum by (queue) (increase(immich_queue_jobs_processed_total{{{I}, {ML_QUEUES}, provider=\"CUDAExecutionProvider\"}}[$__range])))")
     L.add(stat("Speed-up CUDA vs CPU", speedup, "{{queue}}", unit="x", decimals=1,
                description="CPU seconds per job divided by CUDA seconds per job, per ML queue, over the time range.",
-               thresholds=[{"color": "orange", "value": None}, {"color": "green", "value": 2}]), 5, 8)
+               thresholds=[{"color": "orange", "value": None}, {"color": "green", "value": 2}]), 4, 8)
     text = panel("text", "What the guide expected", [])
     del text["datasource"], text["targets"]
     text["options"] = {"mode": "markdown", "content": EXPECTED}
-    L.add(text, 10, 8)
+    L.add(text, 6, 8)
     L.add(ts("Throughput (jobs per second)",
              [target(f"sum by (queue, provider) (rate(immich_queue_jobs_processed_total{{{I}}}[$__rate_interval]))",
                      "{{queue}} {{provider}}")], "ops"), 12, 8)

@@ -39,6 +39,7 @@ _PAYLOAD = re.compile(r"^libpod-payload-([0-9a-f]{64})$")
 _COLON = re.compile(r"^([^:/]+\.slice):([a-z-]+):([0-9a-f]{64})$")
 # cgroupfs-driver parents whose child segment is the container id.
 _CGROUPFS_PARENTS = {"docker": "docker", "libpod_parent": "libpod", "lxc.payload": "lxc"}
+CGROUPFS_PARENTS = frozenset(_CGROUPFS_PARENTS)  # a child of these is a container whatever its name
 # kubelet's pod slice; kind and other nested kubelets prefix it ("kubelet-kubepods-...").
 _POD_SLICE = re.compile(r"^(?:[a-z0-9]+-)*kubepods(?:-[a-z]+)?-pod([0-9a-f_]{36})\.slice$")
 _USER_MANAGER = re.compile(r"^user@\d+\.service$")
@@ -253,8 +254,9 @@ class ProcessTable:
     not seen in the current cycle, so no stale entry survives a dead process.
     """
 
-    def __init__(self, proc_root: str = "/proc") -> None:
+    def __init__(self, proc_root: str = "/proc", read_limits: bool = True) -> None:
         self.proc_root = proc_root.rstrip("/") or "/"
+        self.read_limits = read_limits  # False: memlock stays None (a reader that labels only)
         self._cache: dict[int, ProcessInfo] = {}
         self.reads = 0  # cache misses, for tests and the benchmark
 
@@ -275,10 +277,12 @@ class ProcessTable:
             except OSError:
                 self._cache.pop(pid, None)
                 return None
-            try:
-                memlock: float | None = parse_memlock(self._read(pid, "limits"))
-            except (OSError, ValueError):
-                memlock = None
+            memlock: float | None = None
+            if self.read_limits:
+                try:
+                    memlock = parse_memlock(self._read(pid, "limits"))
+                except (OSError, ValueError):
+                    pass
             info = ProcessInfo(pid, st.start_ticks, st.comm, where, memlock)
             self._cache[pid] = info
             self.reads += 1

@@ -156,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .check import run_check
         return run_check(cfg, as_json=getattr(ns, "json", False), root=getattr(ns, "root", "/"))
     if command == "demo":
-        from .demo import run_demo
-        return run_demo(cfg)
+        from .demo import demo_daemon
+        return serve(cfg, demo_daemon(cfg))
     if getattr(ns, "dry_run", False):
         for o in configmod.OPTIONS:
             v = cfg[o.key]

@@ -205,6 +205,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("state.directory", _opt_path, None,
            "directory for persistent state (journal cursor); default $STATE_DIRECTORY or "
            "/var/lib/immich-gpu-exporter", metavar="DIR"),
+    Option("collector.processes", _bool, True,
+           "find Immich's processes (systemd units, containers) and read their tuning, memory and CPU from /proc",
+           boolean=True),
     Option("collector.nvml", _bool, True, "collect GPU use per Immich process from NVML", boolean=True),
     Option("collector.systemd", _bool, True, "collect systemd unit states and tuning over D-Bus", boolean=True),
     Option("collector.journal", _bool, True, "parse the ML service's journal for provider and fallback",
@@ -232,7 +235,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="UNIT"),
     Option("systemd.interval", _positive_float, 5.0, "seconds between safety-net polls of the units"),
     Option("systemd.cgroup-root", _opt_path, None,
-           "cgroupfs root the units' ControlGroup paths are relative to (default: detected)", metavar="DIR"),
+           "cgroupfs root the units' ControlGroup paths are relative to, and the tree the processes source walks "
+           "for Immich's units and containers (default: detected)", metavar="DIR"),
     # journal
     Option("journal.unit", _str_list, ("immich-machine-learning.service",), "ML unit whose journal to follow",
            repeatable=True, metavar="UNIT"),

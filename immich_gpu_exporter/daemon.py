@@ -131,15 +131,22 @@ class Daemon:
     async def run_once(self, sequential: bool = False) -> Snapshot:
         """Start, collect every source once, close. For --once, `check` and tests.
 
-        Concurrently by default; `sequential` collects in the order the sources were added, so a
-        source sees the facts of those before it in this same cycle (`check` relies on it)."""
+        Concurrently, except that a source whose facts another reads (`Source.after`) is collected
+        before it; `sequential` collects one by one in the order the sources were added, so a
+        source sees the facts of all those before it in this same cycle (`check` relies on it)."""
         await asyncio.gather(*(self._safe_start(s) for s in self.sources))
         try:
             if sequential:
                 for s in self.sources:
                     await self.collect_source(s)
             else:
-                await asyncio.gather(*(self.collect_source(s) for s in self.sources))
+                present = {s.name for s in self.sources}
+                pending, done = list(self.sources), set()
+                while pending:
+                    ready = [s for s in pending if all(d in done or d not in present for d in s.after)] or pending
+                    await asyncio.gather(*(self.collect_source(s) for s in ready))
+                    done.update(s.name for s in ready)
+                    pending = [s for s in pending if s not in ready]
         finally:
             await self.close_sources()
         return self._snapshot

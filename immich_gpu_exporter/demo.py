@@ -1,6 +1,6 @@
 """`immich-gpu-exporter demo`: a built-in CPU-then-CUDA scenario replayed through the real code.
 
-Owns the scenario and the four demo sources, nothing else. The scenario says what a small Immich
+Owns the scenario and the demo sources, nothing else. The scenario says what a small Immich
 host does at scenario time t; the sources feed it through the same parsing, attribution and
 timing code the daemon uses, so the demo exposes exactly what the daemon would on such a host:
 
@@ -9,8 +9,11 @@ timing code the daemon uses, so the demo exposes exactly what the daemon would o
   (it is `JournalSource` with the journalctl follower replaced by the scenario);
 * `immich`: JSON and telemetry text shaped like Immich's answers go through `immich_api`'s
   decoding and `timings.QueueTimings` (it is `ImmichSource` with HTTP replaced by the scenario);
-* `nvml`: `sources.nvml` readings (`NvmlReading`/`GpuReading`/`UtilSample`) of processes whose
-  /proc/<pid>/cgroup texts go through `attribution.locate()`, then `gpu_samples`/`process_samples`;
+* `processes`: the scenario's processes, as /proc and the cgroup walk would give them, go through
+  `ProcessesSource.publish` (identities, tuning, CPU counters; it is `ProcessesSource` with its
+  `read()` replaced by the scenario);
+* `nvml`: `sources.nvml` readings (`NvmlReading`/`GpuReading`/`UtilSample`) go through
+  `NvmlSource.publish`, labelled through the processes source's facts (`read()` replaced);
 * `systemd`: D-Bus-shaped unit properties go through `units.unit_samples`.
 
 The story, one loop of `PERIOD` scenario seconds: CUDA is preferred but cuDNN is missing, so ONNX
@@ -39,11 +42,12 @@ from typing import Any, Callable, Iterator, Mapping
 
 from . import attribution as attr
 from .core import CollectResult
+from .docker_api import ContainerInfo
 from .sources.base import Source
-from .sources.immich import ImmichSource, _Failed
+from .sources.immich import ImmichSource, RequestFailed
 from .sources.journal import JournalSource
-from .sources.nvml import CpuTotals, GpuReading, NvmlReading, ProcView, UtilSample, UtilTracker, \
-    component_gpu_memory, gpu_samples, process_samples
+from .sources.nvml import GpuReading, NvmlReading, NvmlSource, UtilSample
+from .sources.processes import ProcessesReading, ProcessesSource
 from .units import RLIM_INFINITY, UnitReading, normalize_unit_name, unit_facts, unit_samples
 
 log = logging.getLogger("immich_gpu_exporter.demo")
@@ -393,6 +397,10 @@ class DemoProcess:
     memlock: float
     rss: int
     cpu: float
+    start: float = -3600.0  # scenario seconds
+
+
+BOOT = 86400.0  # the demo host booted this many seconds before scenario time 0
 
 
 def _wave(t: float, lo: float, hi: float, f: float = 1.3) -> float:
@@ -477,9 +485,10 @@ class Scenario:
         ml_cg = f"0::/system.slice/{ML_UNIT}\n"
         srv_cg = f"0::/system.slice/{SERVER_UNIT}\n"
         procs = [
-            DemoProcess(w.arbiter, "gunicorn", ml_cg, nice, memlock, 58 * MIB, 0.02 * (t - arbiter_start)),
+            DemoProcess(w.arbiter, "gunicorn", ml_cg, nice, memlock, 58 * MIB, 0.02 * (t - arbiter_start),
+                        arbiter_start),
             DemoProcess(w.pid, "gunicorn", ml_cg, nice, memlock, (2300 if cuda else 1900) * MIB,
-                        (t - w.booted) * (0.6 if cuda else 3.1)),
+                        (t - w.booted) * (0.6 if cuda else 3.1), w.booted),
             DemoProcess(SERVER_PIDS[0], "immich", srv_cg, 0, 8.0 * MIB, 210 * MIB, 0.05 * t + 40.0),
             DemoProcess(SERVER_PIDS[1], "immich-api", srv_cg, 0, 8.0 * MIB, 380 * MIB, 0.1 * t + 120.0),
             DemoProcess(SERVER_PIDS[2], "immich-microser", srv_cg, 0, 8.0 * MIB, 520 * MIB, 0.4 * t + 300.0),
@@ -490,7 +499,7 @@ class Scenario:
         ]
         if self.queues.active("videoConversion"):
             procs.append(DemoProcess(7000 + self.queues.done["videoConversion"] % 1000, "ffmpeg", srv_cg, 0, 8.0 * MIB,
-                                     240 * MIB, 1.5))
+                                     240 * MIB, 1.5, t - 1.5))
         return {p.pid: p for p in procs}
 
     def gpu(self, t: float) -> NvmlReading:
@@ -561,40 +570,58 @@ class Scenario:
         return out
 
 
-# --- the four sources ---------------------------------------------------------------------------------
+# --- the sources ------------------------------------------------------------------------------------
 
-class DemoNvml(Source):
-    name = "nvml"
+def _process_info(p: DemoProcess) -> attr.ProcessInfo:
+    """A scenario process as the /proc reader would have read it."""
+    return attr.ProcessInfo(p.pid, int((p.start + BOOT) * attr.CLK_TCK), p.comm, attr.locate(p.cgroup), p.memlock,
+                            p.nice, p.cpu, p.rss)
+
+
+class DemoProcesses(ProcessesSource):
+    """The processes source with the scenario in place of the cgroup walk, /proc and Docker; no
+    state file."""
 
     def __init__(self, config: Any, hub: Any, scenario: Scenario) -> None:
         super().__init__(config, hub)
         self.scenario = scenario
-        self.patterns = {"ml": tuple(config["component.ml"]), "server": tuple(config["component.server"])}
-        self._tracker = UtilTracker(hold=15.0)
-        self._cpu = CpuTotals()
 
     @property
     def interval(self) -> float:
         return INTERVAL
 
-    async def collect(self) -> CollectResult:
+    async def start(self) -> None:
+        pass  # no state file: every demo starts from zero
+
+    async def read(self, unit_pids: Mapping[str, Any]) -> ProcessesReading:
+        t = self.scenario.now()
+        procs = self.scenario.processes(t)
+        unit_of = {pid: u for u, pids in unit_pids.items() for pid in pids}
+        # What the walk would find: the units' members (systemd's facts, else the cgroups' names).
+        members = {pid: _process_info(p) for pid, p in procs.items()
+                   if pid in unit_of or attr.component_of(self.patterns, attr.locate(p.cgroup).unit) != attr.OTHER}
+        containers = {cid: ContainerInfo(cid, name, "ghcr.io/blakeblackshear/frigate:stable")
+                      for cid, name in self.scenario.container_names.items()}
+        return ProcessesReading(members, unit_of, containers, t + BOOT)
+
+
+class DemoNvml(NvmlSource):
+    """The NVML source with the scenario's GPU in place of the driver."""
+
+    def __init__(self, config: Any, hub: Any, scenario: Scenario) -> None:
+        super().__init__(config, hub)
+        self.scenario = scenario
+
+    @property
+    def interval(self) -> float:
+        return INTERVAL
+
+    async def read(self, known: frozenset[int]) -> tuple[NvmlReading, Mapping[int, attr.ProcessInfo | None]]:
         t = self.scenario.now()
         reading = self.scenario.gpu(t)
         procs = self.scenario.processes(t)
-        names = self.scenario.container_names
-        views = {pid: ProcView(pid, p.comm, attr.identity(attr.locate(p.cgroup), self.patterns, names), p.nice,
-                               p.memlock, p.rss, p.cpu) for pid, p in procs.items()}
-        groups: dict[attr.Identity, list[ProcView]] = {}
-        for v in views.values():
-            if v.who.component != attr.OTHER:
-                groups.setdefault(v.who, []).append(v)
-        utils = {g.uuid: self._tracker.update(g.uuid, g.samples, g.processes, t) for g in reading.gpus}
-        self._tracker.forget_except((g.uuid, pid) for g in reading.gpus for pid in g.processes)
-        samples = gpu_samples(reading, utils, views, bool(self.config["gpu.pid-labels"]))
-        samples += process_samples(groups, self._cpu.update(groups))
-        gpu_pids = tuple(sorted(pid for g in reading.gpus for pid in g.processes))
-        facts = {"component_gpu_memory": component_gpu_memory(reading, views, self.patterns), "gpu_pids": gpu_pids}
-        return CollectResult(tuple(samples), facts, reading.errors)
+        unknown = {pid for g in reading.gpus for pid in g.processes if pid not in known}
+        return reading, {pid: _process_info(procs[pid]) if pid in procs else None for pid in unknown}
 
 
 class DemoSystemd(Source):
@@ -656,18 +683,18 @@ class DemoImmich(ImmichSource):
     def interval(self) -> float:
         return INTERVAL
 
-    def _api_key(self) -> str | None:
+    def api_key(self) -> str | None:
         return "demo"
 
-    async def _get(self, url: str, key: str | None = None, *, prefix: str = "", want_json: bool = True) -> Any:
+    async def fetch(self, url: str, key: str | None = None, *, prefix: str = "", want_json: bool = True) -> Any:
         path = "/" + url.split("://", 1)[-1].split("/", 1)[-1]
         s = self.scenario
-        if url.startswith(self._ml_url):
+        if url.startswith(self.config["immich.ml-url"]):
             t = s.now()
             down, self._pinged = s.ml_outage(self._pinged, t), t
             if down:
-                raise _Failed(prefix + "unreachable", "immich.demo:3003/ping: ClientConnectorError: the ML service "
-                                                      "is restarting")
+                raise RequestFailed(prefix + "unreachable",
+                                    "immich.demo:3003/ping: ClientConnectorError: the ML service is restarting")
             raw = b"pong"
         else:
             raw = {"/api/server/ping": b'{"res":"pong"}', "/api/server/version": s.version_json(),
@@ -680,7 +707,9 @@ class DemoImmich(ImmichSource):
 
 # --- wiring -------------------------------------------------------------------------------------------
 
-DEMO_SOURCES = {"nvml": DemoNvml, "systemd": DemoSystemd, "journal": DemoJournal, "immich": DemoImmich}
+# In the order their facts flow (systemd -> processes -> nvml -> journal -> immich).
+DEMO_SOURCES = {"systemd": DemoSystemd, "processes": DemoProcesses, "nvml": DemoNvml, "journal": DemoJournal,
+                "immich": DemoImmich}
 
 
 def demo_config(cfg: Any) -> Any:
@@ -700,10 +729,9 @@ def build_daemon(cfg: Any, clock: Any, strict_samples: bool = False) -> Any:
     return daemon
 
 
-def run_demo(cfg: Any) -> int:
-    from .cli import serve
-
+def demo_daemon(cfg: Any) -> Any:
+    """The daemon `immich-gpu-exporter demo` serves (the CLI serves it like the real one)."""
     speed = float(cfg["demo.speed"])
     log.info("demo: replaying a CPU-then-CUDA Immich host, one loop every %gs (speed %g); nothing is read from "
              "this machine", PERIOD / speed, speed)
-    return serve(cfg, build_daemon(cfg, ScenarioClock(speed)))
+    return build_daemon(cfg, ScenarioClock(speed))

@@ -119,12 +119,21 @@ class DockerClient:
         status, body = await self.request("GET", f"/containers/{container_id}/json")
         return parse_inspect(body) if status == 200 else None
 
+    def pending(self, ids: Iterable[str]) -> list[str]:
+        """The ids `inspect()` would ask the engine about now (neither known nor recently missed)."""
+        now = time.monotonic()
+        return [i for i in set(ids) if i not in self._known and now - self._misses.get(i, -math.inf) >= self.retry]
+
+    def cached(self, ids: Iterable[str]) -> dict[str, ContainerInfo]:
+        """What the engine already said about these ids; no I/O."""
+        return {i: self._known[i] for i in ids if i in self._known}
+
     async def inspect(self, ids: Iterable[str]) -> dict[str, ContainerInfo]:
         """Facts of the given ids that the engine gave; never raises. Answers are cached for as
         long as the id is live (see `forget_except`); failures are retried after `retry`."""
         ids = set(ids)
         now = time.monotonic()
-        todo = [i for i in ids if i not in self._known and now - self._misses.get(i, -math.inf) >= self.retry]
+        todo = self.pending(ids)
         if todo and os.path.exists(self.socket_path):
             results = await asyncio.gather(*(self._inspect_one(i) for i in todo), return_exceptions=True)
             for cid, res in zip(todo, results):
@@ -138,7 +147,7 @@ class DockerClient:
         else:
             for cid in todo:
                 self._misses[cid] = now
-        return {i: self._known[i] for i in ids if i in self._known}
+        return self.cached(ids)
 
     async def names(self, ids: Iterable[str]) -> dict[str, str]:
         """Container id -> name for the ids the engine knows; never raises."""

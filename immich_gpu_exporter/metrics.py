@@ -170,7 +170,7 @@ _DEFS: list[MetricDef] = [
        "immich"),
     _m("immich_queue_drain_eta_seconds", "gauge",
        "Estimated seconds until the busy queue's backlog is empty, at the current run's rate.", ("queue",), "immich"),
-    # --- NVML / per process --------------------------------------------------------------------
+    # --- NVML --------------------------------------------------------------------
     _m("immich_gpu_info", "gauge", "A GPU seen by NVML; always 1.", ("gpu", "uuid", "name", "driver_version"),
        "nvml"),
     _m("immich_gpu_utilization_ratio", "gauge", "Fraction of time a kernel ran on the GPU (0-1).", _GPU, "nvml"),
@@ -193,16 +193,22 @@ _DEFS: list[MetricDef] = [
     _m("immich_gpu_pid_sm_utilization_ratio", "gauge",
        "SM utilisation of one process (only with --gpu.pid-labels).",
        ("gpu", "uuid", "component", "unit", "container", "pid", "comm"), "nvml"),
+    # --- processes -----------------------------------------------------------------------------
     _m("immich_process_nice", "gauge", "Lowest nice value among the component's processes (applied tuning).",
-       _PROC_GROUP, "nvml"),
+       _PROC_GROUP, "processes"),
     _m("immich_process_memlock_limit_bytes", "gauge",
        "RLIMIT_MEMLOCK soft limit of the component's processes, lowest over the group (+Inf if unlimited).",
-       _PROC_GROUP, "nvml"),
+       _PROC_GROUP, "processes"),
     _m("immich_process_resident_memory_bytes", "gauge", "Resident memory of the component's processes, summed.",
-       _PROC_GROUP, "nvml"),
+       _PROC_GROUP, "processes"),
     _m("immich_process_cpu_seconds_total", "counter",
        "CPU time (user + system) of the component's processes, those that exited since the exporter started "
-       "included, so it does not drop when the ML worker restarts.", _PROC_GROUP, "nvml"),
+       "included, so it does not drop when the ML worker restarts.", _PROC_GROUP, "processes"),
+    _m("immich_ml_cpu_seconds_total", "counter",
+       "CPU time (user + system) of the ML component's processes, by the execution provider in force when it "
+       "was spent (the journal's verdict; empty before one). Divided by immich_queue_jobs_processed_total of "
+       "smartSearch, faceDetection and ocr with the same provider it gives CPU seconds per ML job: low on a "
+       "GPU, high on a CPU fallback. Persisted across exporter restarts.", ("provider",), "processes"),
 ]
 
 METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}

@@ -46,7 +46,9 @@ def bare_args(tmp: pathlib.Path) -> list[str]:
     """Every source pointed at nothing: an empty host root, an empty journal, no Immich."""
     (tmp / "root").mkdir(exist_ok=True)
     (tmp / "journal").mkdir(exist_ok=True)
+    (tmp / "cgroup").mkdir(exist_ok=True)  # an empty cgroup tree: the processes source finds no Immich
     return [f"--root={tmp / 'root'}", f"--journal.directory={tmp / 'journal'}", f"--immich.url={closed_url()}",
+            f"--systemd.cgroup-root={tmp / 'cgroup'}",
             f"--immich.ml-url={closed_url()}", "--immich.timeout=0.5"]
 
 

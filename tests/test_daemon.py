@@ -166,3 +166,26 @@ async def test_run_once_collects_every_source_once():
     assert a.calls == 1 and b.calls == 1
     assert not snap.sources["nvml"].up and snap.sources["journal"].up
     assert d.ready
+
+
+async def test_run_once_collects_a_source_after_those_whose_facts_it_reads():
+    """--once: the NVML source sees the processes source's facts of the same pass, which sees systemd's."""
+    seen: dict[str, dict] = {}
+
+    class Reader(Source):
+        def __init__(self, name: str, after: tuple[str, ...], reads: str) -> None:
+            super().__init__(defaults(), None)  # type: ignore[arg-type]
+            self.name, self.after, self.reads = name, after, reads  # type: ignore[misc]
+
+        async def collect(self) -> CollectResult:
+            await asyncio.sleep(0.01)  # a real cycle yields to the loop; concurrency would show here
+            seen[self.name] = dict(self.hub.facts(self.reads)) if self.reads else {}
+            return CollectResult((), {"from": self.name})
+
+    d = Daemon()
+    for s in (Reader("nvml", ("processes",), "processes"), Reader("processes", ("systemd",), "systemd"),
+              Reader("systemd", (), "")):
+        s.hub = d.hub
+        d.add(s)
+    await d.run_once()
+    assert seen == {"systemd": {}, "processes": {"from": "systemd"}, "nvml": {"from": "processes"}}

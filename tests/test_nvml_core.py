@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pynvml
 import pytest
@@ -10,8 +9,9 @@ import pytest
 from immich_gpu_exporter import metrics
 from immich_gpu_exporter.attribution import Identity
 from immich_gpu_exporter.sources.nvml import (
-    NA_ULL, GpuReading, NvmlReading, ProcView, UtilSample, UtilTracker, Util, component_gpu_memory,
-    error_reason, gpu_samples, is_535_layout, merge_processes, process_samples)
+    NA_ULL, GpuReading, NvmlReading, UtilSample, UtilTracker, Util, component_gpu_memory,
+    error_reason, gpu_samples, is_535_layout, merge_processes)
+from immich_gpu_exporter.sources.processes import ProcView
 
 ML = Identity("ml", "immich-machine-learning.service", "")
 SRV = Identity("server", "", "immich_server")
@@ -106,40 +106,6 @@ def test_gpu_samples_without_pid_labels_or_utilisation_support():
     assert "immich_gpu_process_memory_used_bytes" in names
 
 
-def test_process_samples_lowest_nice_and_memlock_summed_rss_and_cpu():
-    out = process_samples({ML: [ProcView(1, "gunicorn", ML, 0, math.inf, 100, 1.5),
-                                ProcView(2, "python", ML, -10, 65536, 300, 2.0)],
-                           SRV: [ProcView(3, "node", SRV, None)]})  # gone: no series
-    for x in out:
-        metrics.check_sample(x)
-    vals = {x.name: x.value for x in out}
-    assert vals == {"immich_process_nice": -10, "immich_process_memlock_limit_bytes": 65536,
-                    "immich_process_resident_memory_bytes": 400, "immich_process_cpu_seconds_total": 3.5}
-
-
 def test_component_gpu_memory_fact_has_every_component():
     views = {1: ProcView(1, "p", ML), 2: ProcView(2, "x", OTHER)}
     assert component_gpu_memory(reading(gpu({1: 100, 2: None})), views, ["ml", "server"]) == {"ml": 100, "server": 0}
-
-
-def test_cpu_counter_survives_worker_exits_and_membership_flicker():
-    from immich_gpu_exporter.sources.nvml import CpuTotals
-
-    totals = CpuTotals()
-    arbiter = ProcView(1, "gunicorn", ML, 0, None, 100, 10.0, start=5)
-    worker = lambda cpu, pid=2, start=7: ProcView(pid, "python", ML, -10, None, 300, cpu, start=start)  # noqa: E731
-    seen = [totals.update({ML: [arbiter, worker(100.0)]})[ML]]
-    seen.append(totals.update({ML: [arbiter, worker(150.0)]})[ML])
-    # idle shutdown: the worker is gone, a new one (new PID) has used little CPU so far
-    seen.append(totals.update({ML: [arbiter, worker(1.0, pid=3, start=900)]})[ML])
-    # the systemd source missed a cycle: only the GPU-less arbiter is a member for one cycle...
-    seen.append(totals.update({ML: [arbiter]})[ML])
-    # ...and the new worker is back, with its own CPU grown a bit: not counted twice
-    seen.append(totals.update({ML: [arbiter, worker(3.0, pid=3, start=900)]})[ML])
-    # PID 3 reused by another process (another start time): a new process, the old one is carried
-    seen.append(totals.update({ML: [arbiter, worker(0.5, pid=3, start=5000)]})[ML])
-    assert seen == [110.0, 160.0, 161.0, 161.0, 163.0, 163.5]
-    assert all(b >= a for a, b in zip(seen, seen[1:]))
-    # the whole group away for a cycle: no series, and it continues where it was
-    assert ML not in totals.update({})
-    assert totals.update({ML: [arbiter]})[ML] == 163.5

@@ -115,7 +115,8 @@ def test_once_attributes_gpu_use_to_units_containers_and_components(fake_lib, sc
         scenario.graphics(server, 64 * 2**20).sample(server, 0.3, 0, 0, 30, 15)
         scenario.compute(docker_ml, 500 * 2**20).sample(docker_ml, 0.4, 25, 5)
         scenario.compute(docker_x, 100 * 2**20).compute(pod, 50 * 2**20).compute(bare, 10 * 2**20)
-        m, err = once(fake_lib, scenario, "--gpu.pid-labels", f"--docker.socket={tmp_path / 'docker.sock'}")
+        m, err = once(fake_lib, scenario, "--gpu.pid-labels", f"--docker.socket={tmp_path / 'docker.sock'}",
+                      f"--systemd.cgroup-root={cg.top}")  # the processes source walks this test's tree only
 
     assert up(m) == 1, err
     g = {"gpu": "0", "uuid": scenario.gpus[0].uuid}
@@ -253,7 +254,8 @@ def test_once_without_nvml_library_source_down_others_unaffected(fake_lib, scena
 
     def others(p):
         return {k: v for k, v in p.items() if not k[0].startswith("immich_gpu") and "nvml" not in dict(k[1]).values()
-                and not k[0].startswith("immich_gpu_exporter_source_") and not k[0].startswith("immich_process")}
+                and not k[0].startswith("immich_gpu_exporter_source_")
+                and not k[0].startswith(("immich_process", "immich_ml_cpu_seconds"))}  # this host's processes
     assert others(a) == others(b) and others(a)
     assert ex.value(b, "immich_gpu_exporter_source_up", source="immich") == \
         ex.value(a, "immich_gpu_exporter_source_up", source="immich")
@@ -305,9 +307,10 @@ def test_daemon_no_new_samples_keep_the_last_value_and_gone_processes_disappear(
     first, second = os.getpid(), os.getppid()
     scenario.compute(first, 10).write()
     with Exporter([*DAEMON, "--gpu.pid-labels"], env=env_for(fake_lib, scenario)) as e:
-        # the sample is taken once the exporter runs: one taken before its start may be older than the
-        # window its first utilisation query asks for (a slow start on a loaded machine)
-        scenario.sample(first, 0.05, 40).write()
+        # the sample is written once the daemon runs: its first cursor is "now minus one window", so a
+        # sample written before a slow start would already be older than that
+        wait_for(lambda: up(scrape(e)) == 1, what="nvml up")
+        scenario.sample(first, 0.1, 40).write()
         wait_for(lambda: ex.value(scrape(e), "immich_gpu_pid_sm_utilization_ratio", pid=str(first)) == 0.4)
         ts0 = ex.value(scrape(e), "immich_gpu_exporter_source_last_success_timestamp_seconds", source="nvml")
         # several cycles later the driver still says NotFound (nothing newer than the cursor)
@@ -349,15 +352,19 @@ def test_gpu_smoke_checker_passes_on_an_attributed_load_and_fails_on_a_missing_o
     assert gone.returncode == 1 and "FAIL load PID 999999999" in gone.stdout
 
 
-UNIT_PIDS_PROBE = r"""
+FACTS_PROBE = r"""
 import asyncio, json, sys
 from types import MappingProxyType
 from immich_gpu_exporter import config
+from immich_gpu_exporter.attribution import Identity
 from immich_gpu_exporter.core import Snapshot, SourceState
 from immich_gpu_exporter.sources.base import Hub
 from immich_gpu_exporter.sources.nvml import NvmlSource
-facts = {"unit_pids": {"immich-server.service": tuple(json.loads(sys.argv[1])), "postgresql.service": (1,)}}
-snap = Snapshot(1, MappingProxyType({"systemd": SourceState("systemd", up=True, facts=MappingProxyType(facts))}), {})
+known, = json.loads(sys.argv[1])
+facts = {"identities": {known: Identity("server", "immich-server.service", "")}, "comms": {known: "immich-api"},
+         "containers": {}}
+snap = Snapshot(1, MappingProxyType({"processes": SourceState("processes", up=True,
+                                                              facts=MappingProxyType(facts))}), {})
 async def main():
     src = NvmlSource(config.load({}, None, {}), Hub(lambda: snap))
     r = await src.collect()
@@ -368,22 +375,24 @@ asyncio.run(main())
 """
 
 
-def test_systemd_unit_pids_give_tuning_metrics_without_gpu_processes(fake_lib, scenario):
-    """The server unit has no GPU process; its PIDs from the systemd source's facts still give
-    immich_process_* for it. Non-Immich units are not reported. The facts are published."""
+def test_gpu_processes_are_labelled_by_the_processes_fact_else_by_their_own_cgroup(fake_lib, scenario):
+    """A PID the processes source knows takes its identity from the fact (here: a process whose
+    cgroup says nothing, that systemd placed in the server unit); one it does not know yet (a worker
+    booted since) is placed from its own cgroup. NVML itself reads no tuning: no immich_process_*."""
     import json
     import subprocess
     import sys
     from tests.support.proc import ROOT, exporter_env
     with CgroupTree(f"igx-test-{uuid.uuid4().hex[:8]}") as cg:
-        a = cg.spawn("x", nice=3)
-        b = cg.spawn("x", nice=5)
+        known = cg.spawn("x")
         ml = cg.spawn("system.slice/immich-machine-learning.service")
-        scenario.compute(ml, 700).write()
-        r = subprocess.run([sys.executable, "-c", UNIT_PIDS_PROBE, json.dumps([a, b])], capture_output=True,
+        scenario.compute(known, 300).compute(ml, 700).write()
+        r = subprocess.run([sys.executable, "-c", FACTS_PROBE, json.dumps([known])], capture_output=True,
                            text=True, env=exporter_env(env_for(fake_lib, scenario)), cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    nice = {(lab["component"], lab["unit"]): v for n, lab, v in out["samples"] if n == "immich_process_nice"}
-    assert nice == {("server", "immich-server.service"): 3, ("ml", "immich-machine-learning.service"): 0}
-    assert out["facts"] == {"component_gpu_memory": {"ml": 700, "server": 0}, "gpu_pids": [ml]}
+    mem = {(lab["component"], lab["unit"]): v for n, lab, v in out["samples"]
+           if n == "immich_gpu_process_memory_used_bytes"}
+    assert mem == {("server", "immich-server.service"): 300, ("ml", "immich-machine-learning.service"): 700}
+    assert not [n for n, _, _ in out["samples"] if n.startswith("immich_process_")]
+    assert out["facts"] == {"component_gpu_memory": {"ml": 700, "server": 300}, "gpu_pids": sorted([known, ml])}

@@ -10,7 +10,7 @@ let
   cfg = config.services.immich-gpu-exporter;
   inherit (lib) mkOption mkEnableOption mkIf types;
 
-  collectorNames = [ "nvml" "systemd" "journal" "immich" ];
+  collectorNames = [ "processes" "nvml" "systemd" "journal" "immich" ];
 
   # [::1] needs brackets in HOST:PORT; a bare hostname or IPv4 address does not.
   listenHost = if lib.hasInfix ":" cfg.listenAddress then "[${cfg.listenAddress}]" else cfg.listenAddress;
@@ -152,6 +152,7 @@ in
     };
 
     collectors = {
+      processes = collectorOption "processes" "Immich's processes, their tuning, memory and CPU, with or without a GPU";
       nvml = collectorOption "NVML" "GPU memory and use per Immich process";
       systemd = collectorOption "systemd" "unit states and tuning over D-Bus";
       journal = collectorOption "journal" "ML execution provider and CPU fallback from the ML unit's journal";

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from .base import Hub, Source
 
 SOURCES = {
+    "processes": ("immich_gpu_exporter.sources.processes", "ProcessesSource"),
     "nvml": ("immich_gpu_exporter.sources.nvml", "NvmlSource"),
     "systemd": ("immich_gpu_exporter.sources.systemd", "SystemdSource"),
     "journal": ("immich_gpu_exporter.sources.journal", "JournalSource"),

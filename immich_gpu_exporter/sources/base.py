@@ -47,6 +47,9 @@ def provider_in_force(hub: Hub) -> str | None:
 
 class Source:
     name: ClassVar[str] = ""
+    # Sources whose facts this one reads. The daemon's loops do not wait for each other (facts are
+    # at most one cycle old), but a single pass (--once) collects these first.
+    after: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: "Config", hub: Hub) -> None:
         self.config = config

@@ -40,7 +40,7 @@ ACCEL_RETRY = 15.0  # after a failed read
 ACCEL_FORBIDDEN_RETRY = 3600.0  # after a 403: the key may get the permission later
 
 
-class _Failed(Exception):
+class RequestFailed(Exception):
     """One request failed; `reason` is a bounded label, `status` the HTTP status if any."""
 
     def __init__(self, reason: str, detail: str, status: int | None = None) -> None:
@@ -51,6 +51,7 @@ class _Failed(Exception):
 
 class ImmichSource(Source):
     name = "immich"
+    after = ("journal",)
 
     def __init__(self, config, hub, clock=None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config, hub)
@@ -99,7 +100,7 @@ class ImmichSource(Source):
             log.log(level, msg, *args)
 
     # -- the API key -----------------------------------------------------------------------------
-    def _api_key(self) -> str | None:
+    def api_key(self) -> str | None:
         path = self.config["immich.api-key-file"]
         if path:
             try:
@@ -135,30 +136,30 @@ class ImmichSource(Source):
             )
         return self._session
 
-    async def _get(self, url: str, key: str | None = None, *, prefix: str = "", want_json: bool = True) -> Any:
+    async def fetch(self, url: str, key: str | None = None, *, prefix: str = "", want_json: bool = True) -> Any:
         headers = {"x-api-key": key} if key else None
         what = url.split("://", 1)[-1]
         try:
             async with self._http().get(url, headers=headers, allow_redirects=False) as r:
                 if r.status != 200:
                     kind = "http_5xx" if r.status >= 500 else "http_4xx"
-                    raise _Failed(prefix + kind, f"{what} answered HTTP {r.status}", r.status)
+                    raise RequestFailed(prefix + kind, f"{what} answered HTTP {r.status}", r.status)
                 raw = await r.read()
         except asyncio.TimeoutError:
-            raise _Failed(prefix + "timeout", f"{what}: no answer within {self.config['immich.timeout']:g}s") from None
+            raise RequestFailed(prefix + "timeout", f"{what}: no answer within {self.config['immich.timeout']:g}s") from None
         except aiohttp.ClientError as e:
             # The message names host and port only; the key travels in a header, never in the URL.
-            raise _Failed(prefix + "unreachable", f"{what}: {type(e).__name__}: {e}") from None
+            raise RequestFailed(prefix + "unreachable", f"{what}: {type(e).__name__}: {e}") from None
         if not want_json:
             return raw.decode("utf-8", "replace")
         try:
             return json.loads(raw)
         except ValueError:
-            raise _Failed(prefix + "bad_json", f"{what}: the answer is not JSON") from None
+            raise RequestFailed(prefix + "bad_json", f"{what}: the answer is not JSON") from None
 
     # -- one cycle -------------------------------------------------------------------------------
     async def collect(self) -> CollectResult:
-        key = self._api_key()
+        key = self.api_key()
         if key is None:
             self._once("no_key", logging.INFO, "no Immich API key configured: queue metrics are off "
                        "(set --immich.api-key-file; %s)", api.needed_permission(api.QUEUES_PATH, self._version))
@@ -166,22 +167,22 @@ class ImmichSource(Source):
         samples: list[Sample] = []
 
         ping, version, *mls = await asyncio.gather(
-            self._get(self._url + self._server_base + "/ping"),
+            self.fetch(self._url + self._server_base + "/ping"),
             # The version decides which queue endpoint to ask and what a refused key needs.
-            self._get(self._url + self._server_base + "/version"),
-            *(self._get(u + "/ping", prefix="ml_", want_json=False) for u in self._ml_urls),
+            self.fetch(self._url + self._server_base + "/version"),
+            *(self.fetch(u + "/ping", prefix="ml_", want_json=False) for u in self._ml_urls),
             return_exceptions=True,
         )
         for r in (ping, version, *mls):
-            if isinstance(r, BaseException) and not isinstance(r, _Failed):
+            if isinstance(r, BaseException) and not isinstance(r, RequestFailed):
                 raise r
-        if isinstance(ping, _Failed) and ping.status == 404:
+        if isinstance(ping, RequestFailed) and ping.status == 404:
             ping, version = await self._other_server_base(ping, version)
         server_up = not isinstance(ping, BaseException) and api.decode_ping(ping)
         health = [not isinstance(ml, BaseException) and api.decode_ml_ping(ml) for ml in mls]
         ml_up = any(health)
         for r in (ping, *mls):
-            if isinstance(r, _Failed):
+            if isinstance(r, RequestFailed):
                 errors.append(r.reason)
         if not isinstance(ping, BaseException) and not server_up:
             errors.append("bad_json")
@@ -203,19 +204,19 @@ class ImmichSource(Source):
             self.timings.observe(observation)
         if key is not None:
             samples.extend(self._timing_samples(fresh=observation is not None))
-        if isinstance(ping, _Failed):
+        if isinstance(ping, RequestFailed):
             raise SourceDown(ping.reason, str(ping), tuple(samples))
         if self._accel is not None:
             facts["transcode_configured"] = {"accel": self._accel.accel, "decode": self._accel.decode}
         return CollectResult(tuple(samples), facts, errors=tuple(errors))
 
-    async def _other_server_base(self, ping: _Failed, version: Any) -> tuple[Any, Any]:
+    async def _other_server_base(self, ping: RequestFailed, version: Any) -> tuple[Any, Any]:
         """The ping is 404: a server before v1.113 (/api/server-info), or one upgraded past it."""
         other = api.LEGACY_SERVER_BASE if self._server_base == api.SERVER_BASE else api.SERVER_BASE
-        ping2, version2 = await asyncio.gather(self._get(self._url + other + "/ping"),
-                                               self._get(self._url + other + "/version"), return_exceptions=True)
+        ping2, version2 = await asyncio.gather(self.fetch(self._url + other + "/ping"),
+                                               self.fetch(self._url + other + "/version"), return_exceptions=True)
         for r in (ping2, version2):
-            if isinstance(r, BaseException) and not isinstance(r, _Failed):
+            if isinstance(r, BaseException) and not isinstance(r, RequestFailed):
                 raise r
         if isinstance(ping2, BaseException) or not api.decode_ping(ping2):
             return ping, version
@@ -225,7 +226,7 @@ class ImmichSource(Source):
         return ping2, version2
 
     def _server_version(self, version: Any, samples: list[Sample], errors: list[str]) -> None:
-        if isinstance(version, _Failed):
+        if isinstance(version, RequestFailed):
             errors.append(version.reason)
             return
         try:
@@ -239,19 +240,19 @@ class ImmichSource(Source):
         samples.append(sample("immich_server_info", 1, version=str(v)))
 
     async def _collect_server(self, key: str | None, samples: list[Sample], errors: list[str]) -> Observation | None:
-        jobs = [self._get(self._url + self._server_base + "/features")]
+        jobs = [self.fetch(self._url + self._server_base + "/features")]
         ask_config = key is not None and self._clock() >= self._accel_due
         if key is not None:
             jobs.append(self._queues(key))
             if self._telemetry_url:
-                jobs.append(self._get(self._telemetry_url, prefix="telemetry_", want_json=False))
+                jobs.append(self.fetch(self._telemetry_url, prefix="telemetry_", want_json=False))
             if ask_config:
                 jobs.append(self._configured_acceleration(key))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for r in results:
             if isinstance(r, SourceDown):
                 raise r
-            if isinstance(r, BaseException) and not isinstance(r, (_Failed, api.BadAnswer)):
+            if isinstance(r, BaseException) and not isinstance(r, (RequestFailed, api.BadAnswer)):
                 raise r
         if ask_config:
             self._accel_result(results[-1], errors)
@@ -259,7 +260,7 @@ class ImmichSource(Source):
             samples.append(sample("immich_transcode_configured_info", 1, accel=self._accel.accel,
                                   decode=self._accel.decode))
         features = results[0]
-        if isinstance(features, _Failed):
+        if isinstance(features, RequestFailed):
             errors.append(features.reason)
         else:
             try:
@@ -272,8 +273,8 @@ class ImmichSource(Source):
 
         queues = results[1]
         at = self._clock()
-        if isinstance(queues, (_Failed, api.BadAnswer)):
-            errors.append(queues.reason if isinstance(queues, _Failed) else "bad_json")
+        if isinstance(queues, (RequestFailed, api.BadAnswer)):
+            errors.append(queues.reason if isinstance(queues, RequestFailed) else "bad_json")
             return None
         decoded: api.Decoded = queues
         errors.extend(["malformed_entry"] * decoded.malformed)
@@ -285,7 +286,7 @@ class ImmichSource(Source):
         telemetry = None
         if self._telemetry_url:
             tele = results[2]
-            if isinstance(tele, _Failed):
+            if isinstance(tele, RequestFailed):
                 errors.append(tele.reason)
             else:
                 parsed = api.parse_telemetry(tele)
@@ -303,8 +304,8 @@ class ImmichSource(Source):
         The answer holds secrets (OAuth client secret, SMTP password): it is decoded at once, only
         the two ffmpeg keys are kept, and neither it nor its size is logged."""
         try:
-            body = await self._get(self._url + api.SYSTEM_CONFIG_PATH, key, prefix="system_config_")
-        except _Failed as e:
+            body = await self.fetch(self._url + api.SYSTEM_CONFIG_PATH, key, prefix="system_config_")
+        except RequestFailed as e:
             if e.status == 403:
                 return None
             raise
@@ -315,7 +316,7 @@ class ImmichSource(Source):
 
     def _accel_result(self, r: Any, errors: list[str]) -> None:
         now = self._clock()
-        if isinstance(r, _Failed):
+        if isinstance(r, RequestFailed):
             errors.append(r.reason)
             self._accel_due = now + ACCEL_RETRY
         elif isinstance(r, api.BadAnswer):
@@ -338,13 +339,13 @@ class ImmichSource(Source):
     async def _queues(self, key: str) -> api.Decoded:
         path = self._queue_path or api.preferred_queue_path(self._version)
         try:
-            body = await self._get(self._url + path, key)
-        except _Failed as e:
+            body = await self.fetch(self._url + path, key)
+        except RequestFailed as e:
             if path == api.QUEUES_PATH and e.status in (404, 403):
                 # 404: a server older than v2.4. 403: a key made for /api/jobs (job.read only).
                 try:
-                    body = await self._get(self._url + api.LEGACY_PATH, key)
-                except _Failed as e2:
+                    body = await self.fetch(self._url + api.LEGACY_PATH, key)
+                except RequestFailed as e2:
                     self._auth_failure(e2, api.LEGACY_PATH if e.status == 404 else path)
                     raise
                 if e.status == 403:
@@ -360,7 +361,7 @@ class ImmichSource(Source):
         decode = api.decode_queues if path == api.QUEUES_PATH else api.decode_jobs_legacy
         return decode(body)
 
-    def _auth_failure(self, e: _Failed, path: str) -> None:
+    def _auth_failure(self, e: RequestFailed, path: str) -> None:
         if e.status == 401:
             need = api.needed_permission(path, self._version)
             self._once("unauthorized", logging.ERROR,

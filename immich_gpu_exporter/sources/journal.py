@@ -154,6 +154,7 @@ def ml_start_index(entries: list[dict[str, Any]], ml_groups: Callable[[dict[str,
 
 class JournalSource(Source):
     name = "journal"
+    after = ("nvml",)
 
     def __init__(self, config: Any, hub: Any) -> None:
         super().__init__(config, hub)

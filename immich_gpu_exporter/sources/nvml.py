@@ -1,4 +1,9 @@
-"""NVML source: GPU use per Immich process, attributed to its systemd unit or container.
+"""NVML source: the GPUs and GPU use per process, labelled with the process's Immich identity.
+
+Which processes are Immich's is the processes source's answer (its facts `identities`, `comms`,
+`containers`); this source only reads NVML. A GPU process that fact does not know yet (a worker
+booted since its last cycle, another program's process) is placed from its own /proc/<pid>/cgroup,
+its container named as the processes source named it or by its short id.
 
 Layers, from the driver up:
 - `NvmlReader` (runs only on the source's dedicated `BlockingWorker` thread): all calls into
@@ -8,7 +13,7 @@ Layers, from the driver up:
   plain `GpuReading`s.
 - `UtilTracker` (pure state): per-process utilisation with "no new samples" held for a bounded
   time, forgotten as soon as the process leaves the GPU.
-- `gpu_samples()` / `process_samples()` (pure): readings + attribution -> `Sample`s.
+- `gpu_samples()` (pure): readings + identities -> `Sample`s.
 - `NvmlSource`: the loop. Init once; re-init with backoff after GpuIsLost, Uninitialized,
   DriverNotLoaded or LibRmVersionMismatch; a missing library is retried every
   `nvml.retry-interval`.
@@ -21,12 +26,12 @@ import dataclasses
 import logging
 import re
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 from .. import attribution as attr
-from ..docker_api import DockerClient
 from ..core import CollectResult, Sample, SourceDown, sample
 from .base import BlockingWorker, Source
+from .processes import ProcView
 
 log = logging.getLogger("immich_gpu_exporter.nvml")
 
@@ -287,20 +292,6 @@ class UtilTracker:
 
 # --- samples (pure) ------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ProcView:
-    """What the sample builders need of one process (from attribution.ProcessInfo)."""
-
-    pid: int
-    comm: str
-    who: attr.Identity
-    nice: int | None = None
-    memlock: float | None = None
-    rss: int | None = None
-    cpu: float | None = None
-    start: int | None = None  # start time in clock ticks: tells a reused PID apart
-
-
 def gpu_samples(reading: NvmlReading, utils: Mapping[str, Mapping[int, Util]], procs: Mapping[int, ProcView],
                 pid_labels: bool) -> list[Sample]:
     out: list[Sample] = []
@@ -341,67 +332,6 @@ def gpu_samples(reading: NvmlReading, utils: Mapping[str, Mapping[int, Util]], p
     return out
 
 
-class CpuTotals:
-    """Keeps immich_process_cpu_seconds_total a real counter.
-
-    A plain sum over the group's live processes drops whenever one exits (the ML worker after every
-    idle timeout), which Prometheus reads as a counter reset and turns into a spike. So the CPU time
-    of a process that left the group is carried forward (as process-exporter does). A process that
-    comes back (group membership flickered because the systemd source missed a cycle) is taken off
-    the carried amount again, so nothing is counted twice. Keys are (pid, start time).
-    """
-
-    MAX_RETIRED = 512  # per group; a process gone for longer than that many exits is forgotten
-
-    def __init__(self) -> None:
-        self._live: dict[attr.Identity, dict[tuple[int, int | None], float]] = {}
-        self._retired: dict[attr.Identity, dict[tuple[int, int | None], float]] = {}
-        self._carried: dict[attr.Identity, float] = {}
-
-    def update(self, groups: Mapping[attr.Identity, Sequence[ProcView]]) -> dict[attr.Identity, float]:
-        out: dict[attr.Identity, float] = {}
-        for who in set(groups) | set(self._live):
-            cur = {(m.pid, m.start): m.cpu or 0.0 for m in groups.get(who, ()) if m.nice is not None}
-            retired = self._retired.setdefault(who, {})
-            carried = self._carried.get(who, 0.0)
-            for key, cpu in self._live.get(who, {}).items():
-                if key not in cur:
-                    retired[key] = cpu
-                    carried += cpu
-            for key in cur:
-                if key in retired:
-                    carried -= retired.pop(key)
-            while len(retired) > self.MAX_RETIRED:
-                retired.pop(next(iter(retired)))
-            self._carried[who] = carried
-            if cur:
-                self._live[who] = cur
-                out[who] = carried + sum(cur.values())
-            else:
-                self._live.pop(who, None)
-        return out
-
-
-def process_samples(groups: Mapping[attr.Identity, Sequence[ProcView]],
-                    cpu_totals: Mapping[attr.Identity, float] | None = None) -> list[Sample]:
-    """The tuning in force per component group: lowest nice and memlock, summed RSS; CPU seconds
-    from `cpu_totals` (CpuTotals, monotonic) or, without it, summed over the live processes."""
-    out: list[Sample] = []
-    for who, members in sorted(groups.items(), key=lambda kv: (kv[0].component, kv[0].unit, kv[0].container)):
-        live = [m for m in members if m.nice is not None]
-        if not live:
-            continue
-        lab = {"component": who.component, "unit": who.unit, "container": who.container}
-        out.append(sample("immich_process_nice", min(m.nice for m in live), **lab))  # type: ignore[type-var]
-        limits = [m.memlock for m in live if m.memlock is not None]
-        if limits:
-            out.append(sample("immich_process_memlock_limit_bytes", min(limits), **lab))
-        out.append(sample("immich_process_resident_memory_bytes", sum(m.rss or 0 for m in live), **lab))
-        cpu = cpu_totals[who] if cpu_totals is not None and who in cpu_totals else sum(m.cpu or 0.0 for m in live)
-        out.append(sample("immich_process_cpu_seconds_total", cpu, **lab))
-    return out
-
-
 def component_gpu_memory(reading: NvmlReading, procs: Mapping[int, ProcView], components: Iterable[str]) -> dict[str, int]:
     mem = {c: 0 for c in components}
     for g in reading.gpus:
@@ -416,6 +346,7 @@ def component_gpu_memory(reading: NvmlReading, procs: Mapping[int, ProcView], co
 
 class NvmlSource(Source):
     name = "nvml"
+    after = ("processes",)
 
     def __init__(self, config, hub):  # type: ignore[no-untyped-def]
         super().__init__(config, hub)
@@ -426,11 +357,9 @@ class NvmlSource(Source):
         self._down: SourceDown | None = None
         self._backoff = self._base_backoff
         self.patterns = {"ml": tuple(config["component.ml"]), "server": tuple(config["component.server"])}
-        self._table = attr.ProcessTable(config["proc.root"])
-        self._docker = DockerClient(config["docker.socket"])
+        # Only for GPU processes the processes source does not know: cgroup and name, no limits.
+        self._table = attr.ProcessTable(config["proc.root"], read_limits=False)
         self._tracker = UtilTracker(hold=max(3 * self.interval, 15.0))
-        self._cpu = CpuTotals()
-        self._mounts: dict[str, str] | None = None
 
     @property
     def interval(self) -> float:
@@ -477,16 +406,8 @@ class NvmlSource(Source):
         self._backoff = min(self._backoff * 2, float(self.config["nvml.retry-interval"]))
         raise self._down from None
 
-    def _mount_table(self) -> dict[str, str]:
-        if self._mounts is None:
-            try:
-                with open("/proc/self/mountinfo") as f:
-                    self._mounts = attr.cgroup_mounts(f.read())
-            except OSError:
-                self._mounts = {}
-        return self._mounts
-
-    def _read_gpus(self) -> tuple[NvmlReading, dict[int, attr.ProcessInfo | None]]:
+    def _read_gpus(self, known: frozenset[int]) -> tuple[NvmlReading, Mapping[int, attr.ProcessInfo | None]]:
+        """One NVML pass, then /proc only for the GPU processes the processes fact does not know."""
         reader = self._ensure_init()
         nv = reader.nv
         try:
@@ -496,73 +417,54 @@ class NvmlSource(Source):
                 self._fail(e, "NVML")
             raise SourceDown(error_reason(e), f"NVML: {e}") from None
         self._backoff = self._base_backoff
-        infos = {pid: self._table.lookup(pid) for g in reading.gpus for pid in g.processes}
+        unknown = {pid for g in reading.gpus for pid in g.processes if pid not in known}
+        infos = {pid: self._table.lookup(pid) for pid in unknown}
+        self._table.evict_except(unknown)
         return reading, infos
 
-    def _read_members(self, unit_pids: Mapping[str, Sequence[int]], cgroups: Iterable[tuple[str, str]],
-                      keep: Iterable[int]) -> dict[int, attr.ProcessInfo | None]:
-        """Processes of the Immich units and containers, also those not on the GPU (the gunicorn
-        arbiter, the server's other workers): from systemd's facts, else from the cgroup tree."""
-        mounts = self._mount_table()
-        wanted = {p for pids in unit_pids.values() for p in pids}
-        for hierarchy, path in cgroups:
-            mount = mounts.get(hierarchy)
-            if mount:
-                wanted.update(attr.cgroup_pids(mount, path))
-        keep = set(keep)
-        infos = {pid: self._table.lookup(pid) for pid in wanted - keep}  # GPU PIDs were read this cycle
-        self._table.evict_except(set(infos) | keep)
-        return infos
-
     # -- event-loop side -----------------------------------------------------------------------------------
-    async def collect(self) -> CollectResult:
-        unit_pids = {u: tuple(p) for u, p in (self.hub.facts("systemd").get("unit_pids") or {}).items()
-                     if attr.component_of(self.patterns, u) != attr.OTHER}
-        reading, infos = await self._worker.call(self._read_gpus)
-        ids = {i.placement.container_id for i in infos.values() if i is not None and i.placement.container_id}
-        names = await self._docker.names(ids) if ids else {}
-        self._docker.forget_except(ids)
+    async def read(self, known: frozenset[int]) -> tuple[NvmlReading, Mapping[int, attr.ProcessInfo | None]]:
+        """The I/O of one cycle (the demo replaces it): NVML, and /proc for the GPU processes not
+        in `known` (those the processes fact does not name)."""
+        return await self._worker.call(self._read_gpus, known)
 
-        def view(pid: int, info: attr.ProcessInfo | None) -> ProcView:
+    def publish(self, reading: NvmlReading, infos: Mapping[int, attr.ProcessInfo | None],
+                processes: Mapping[str, Any], now: float) -> CollectResult:
+        """A reading labelled through the processes fact (`processes`: that source's facts) into
+        series and facts; advances the utilisation tracker (no I/O)."""
+        identities: Mapping[int, attr.Identity] = processes.get("identities") or {}
+        comms: Mapping[int, str] = processes.get("comms") or {}
+        containers: Mapping[str, attr.Identity] = processes.get("containers") or {}
+
+        def view(pid: int) -> ProcView:
+            who = identities.get(pid)
+            if who is not None:
+                return ProcView(pid, comms.get(pid, ""), who)
+            info = infos.get(pid)
             if info is None:  # gone, or in a PID namespace we cannot see
                 return ProcView(pid, "", attr.Identity(attr.OTHER, "", ""))
-            return ProcView(pid, info.comm, attr.identity(info.placement, self.patterns, names),
-                            info.nice, info.memlock, info.rss_bytes, info.cpu_seconds, info.start_ticks)
+            known = containers.get(info.placement.container_id) if info.placement.container_id else None
+            if known is not None:
+                who = attr.Identity(known.component, known.unit if info.placement.unit else "", known.container)
+            else:
+                who = attr.identity(info.placement, self.patterns, {})
+            return ProcView(pid, info.comm, who)
 
-        views = {pid: view(pid, info) for pid, info in infos.items()}
-        # Immich groups seen on the GPU whose membership systemd does not already give.
-        cgroups = {(i.placement.hierarchy, i.placement.owner_cgroup) for pid, i in infos.items()
-                   if i is not None and views[pid].who.component != attr.OTHER and i.placement.owner_cgroup
-                   and (i.placement.container_id or i.placement.unit not in unit_pids)}
-        groups: dict[attr.Identity, dict[int, ProcView]] = {}
-        if unit_pids or cgroups:
-            members = await self._worker.call(self._read_members, unit_pids, cgroups, infos)
-            by_unit = {p: u for u, pids in unit_pids.items() for p in pids}
-            for pid, info in members.items():
-                v = views.get(pid) or view(pid, info)
-                if pid in by_unit and not (info and info.placement.container_id):
-                    u = by_unit[pid]
-                    v = dataclasses.replace(v, who=attr.Identity(attr.component_of(self.patterns, u), u, ""))
-                if v.who.component != attr.OTHER and v.nice is not None:
-                    groups.setdefault(v.who, {})[pid] = v
-        else:
-            self._table.evict_except(infos)  # the worker is idle: its last call has returned
-        for pid, v in views.items():
-            if v.who.component != attr.OTHER and v.nice is not None:
-                groups.setdefault(v.who, {})[pid] = v
-
-        now = time.monotonic()
+        views = {pid: view(pid) for g in reading.gpus for pid in g.processes}
         utils = {g.uuid: self._tracker.update(g.uuid, g.samples, g.processes, now) for g in reading.gpus}
         self._tracker.forget_except((g.uuid, pid) for g in reading.gpus for pid in g.processes)
 
         samples = gpu_samples(reading, utils, views, bool(self.config["gpu.pid-labels"]))
-        grouped = {k: list(v.values()) for k, v in groups.items()}
-        samples += process_samples(grouped, self._cpu.update(grouped))
-        facts = {
+        facts_out = {
             "component_gpu_memory": component_gpu_memory(reading, views, self.patterns),
             "gpu_pids": tuple(sorted(views)),
         }
-        return CollectResult(tuple(samples), facts, reading.errors)
+        return CollectResult(tuple(samples), facts_out, reading.errors)
+
+    async def collect(self) -> CollectResult:
+        processes = self.hub.facts("processes")
+        reading, infos = await self.read(frozenset(processes.get("identities") or ()))
+        return self.publish(reading, infos, processes, time.monotonic())
 
     async def close(self) -> None:
         reader = self._reader
@@ -572,4 +474,3 @@ class NvmlSource(Source):
             except RuntimeError:
                 pass
         self._worker.shutdown()
-        await self._docker.close()

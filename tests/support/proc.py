@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -82,6 +84,13 @@ class Exporter:
         # command: a subcommand such as "demo"; it must come before the flags
         self.args = [*([command] if command else []), f"--web.listen-address=127.0.0.1:{self.port}", *args]
         self.env = exporter_env(env)
+        # The daemon keeps state (journal cursor, ML CPU counters); unless the test chose a place, it goes
+        # to a private directory, never to this machine's /var/lib/immich-gpu-exporter.
+        self._state: str | None = None
+        if not any(a.startswith("--state.directory") for a in args) and \
+                not {"IMMICH_GPU_EXPORTER_STATE_DIRECTORY", "STATE_DIRECTORY"} & set(self.env):
+            self._state = tempfile.mkdtemp(prefix="igx-state-")
+            self.env["IMMICH_GPU_EXPORTER_STATE_DIRECTORY"] = self._state
         self.python = python or sys.executable
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -138,6 +147,8 @@ class Exporter:
                 self.proc.wait()
         if self._log:
             self._log.close()
+        if self._state is not None:
+            shutil.rmtree(self._state, ignore_errors=True)
         return self.proc.returncode
 
     def __enter__(self) -> "Exporter":
