@@ -403,7 +403,7 @@ def check_provider(ev: Evidence) -> Finding:
     eff = _one_of(ev.samples("immich_ml_execution_provider", "journal"), "provider")
     fallback = _value_of(ev.samples("immich_ml_cpu_fallback", "journal")) == 1
     facts = ev.facts("journal")
-    line = facts.get("evidence_line") or facts.get("fallback_evidence") or ""
+    line = facts.get("evidence") or ""
     errors = {f"{_labels(s).get('provider')}/{_labels(s).get('kind')}": int(s.value)
               for s in ev.samples("immich_ml_provider_errors_total", "journal") if s.value > 0}
     details = {"preferred": pref, "effective": eff, "cpu_fallback": fallback, "errors": errors,

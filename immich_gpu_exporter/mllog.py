@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from .core import Sample, sample
@@ -550,10 +551,11 @@ class MLState:
         self.no_gpu_since: float | None = None
         self.nvml_fallback = False
         self.host_driver: bool | None = None  # NVIDIA kernel driver on this host (None: not checked)
+        self.last_evidence: str | None = None  # what the latest fallback evidence was, for `check`
 
     # -- persistence ---------------------------------------------------------------------------
     _PERSIST = ("boots", "session_crashes", "providers_seen", "units_seen", "preferred", "verdict", "workers",
-                "current", "server_healthy", "last_change")
+                "current", "server_healthy", "last_change", "last_evidence")
 
     def dump(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self._PERSIST}
@@ -673,7 +675,7 @@ class MLState:
             self.last_change = event_time(ts) or self.last_change
 
     def _evidence(self, w: dict[str, Any], prov: str, ts: Any, block: bool = False,
-                  fallback_to: tuple[str, ...] = ()) -> None:
+                  fallback_to: tuple[str, ...] = (), note: tuple[str, Event] | None = None) -> None:
         """Evidence that one session of `w` does not run on `prov`: the oldest pending session (ORT's
         native lines come while the session is created), or for an EP Error block the worker's latest
         session (the block is printed before anything else the worker writes to stdout). A session that
@@ -697,7 +699,15 @@ class MLState:
             return
         s["st"] = "fell_back"
         s["conf"] = block
+        if note is not None:  # the evidence that judged this session (a late block only confirms it)
+            self._note_evidence(prov, *note)
         s["to"] = next((self._provider(p) for p in (fallback_to or s["p"]) if p != prov), CPU)
+
+    def _note_evidence(self, prov: str, kind: str, ev: Event) -> None:
+        t = event_time(ev.ts)
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t is not None else "?"
+        who = f" of {ev.group}" + (f" (pid {ev.pid})" if ev.pid else "")
+        self.last_evidence = f"{kind} of {prov}{who} at {when}"
 
     def _open_session(self, w: dict[str, Any], providers: list[str], ts: Any) -> None:
         self._settle(w)
@@ -731,7 +741,7 @@ class MLState:
             prov = self._provider(prov)
             self.errors[(prov, ev.b)] = self.errors.get((prov, ev.b), 0) + 1
             if ev.b in BREAKING_KINDS and prov != CPU:
-                self._evidence(w, prov, ev.ts)
+                self._evidence(w, prov, ev.ts, note=(ev.b, ev))
                 self._judge(ev.ts, late=w if w["exited"] else None)
         elif k == "device_error":  # evidence E1: only inside a session's creation
             w = self._worker(ev)
@@ -740,7 +750,7 @@ class MLState:
             sessions = w["sessions"]
             creating = any(s["st"] == "pending" and s["p"][0] in NVIDIA_PROVIDERS for s in sessions)
             if creating or not sessions:
-                self._evidence(w, prov, ev.ts)
+                self._evidence(w, prov, ev.ts, note=(ev.b, ev))
                 self._judge(ev.ts, late=w if w["exited"] else None)
         elif k == "fallback":  # evidence E4 (EP Error block)
             w = self._worker(ev)
@@ -753,7 +763,7 @@ class MLState:
             prov = self._provider(prov)
             self.errors[(prov, "ep_fallback")] = self.errors.get((prov, "ep_fallback"), 0) + 1
             if prov != CPU:
-                self._evidence(w, prov, ev.ts, block=True, fallback_to=tuple(ev.b or ()))
+                self._evidence(w, prov, ev.ts, block=True, fallback_to=tuple(ev.b or ()), note=("ep_fallback", ev))
                 self._judge(ev.ts, late=w if w["exited"] else None)
         elif k == "model_load":
             key = self._model((ev.a, ev.b))
@@ -937,7 +947,7 @@ class MLState:
 
     def facts(self) -> dict[str, Any]:
         return {"effective_provider": self.effective, "preferred_provider": self.preferred,
-                "models_loaded": len(self.loaded_models())}
+                "models_loaded": len(self.loaded_models()), "evidence": self.last_evidence}
 
     def samples(self) -> list[Sample]:
         out: list[Sample] = []

@@ -266,6 +266,8 @@ def test_provider_fail_on_a_fallback_journal(tmp_path: pathlib.Path) -> None:
     assert f["status"] == "FAIL", f
     assert "CUDAExecutionProvider is preferred" in f["finding"] and f["fix"]
     assert f["details"]["cpu_fallback"] is True
+    # the evidence: CUDA failure 35 while the session was created, in the ML unit's worker
+    assert f["details"]["evidence"].startswith("cuda_failure of CUDAExecutionProvider of immich-machine-learning"), f
 
 
 def test_provider_pass_warn_and_skip(tmp_path: pathlib.Path) -> None:
