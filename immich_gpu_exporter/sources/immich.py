@@ -267,7 +267,9 @@ class ImmichSource(Source):
                                "telemetry job names without a known queue (ignored): %s",
                                ", ".join(sorted(parsed.unmapped)))
                 telemetry = parsed.by_queue()
-        provider = self.hub.facts("journal").get("effective_provider")
+        # the ML verdict comes from the journal, or from the ML container's log on Docker hosts
+        provider = self.hub.facts("journal").get("effective_provider") or \
+            self.hub.facts("docker").get("effective_provider")
         return Observation(at, {q.name: q for q in decoded.queues}, telemetry,
                            provider if isinstance(provider, str) else None)
 

@@ -461,6 +461,10 @@ class JournalSource(Source):
             self.ml.observe_gpu(time.time(), None)
         if self._follow_mode:
             await self._persist()
+        if not self.ml.entries and self.hub.facts("docker").get("ml_logs"):
+            # The ML service is a container logging to a file that the docker source reads: this
+            # journal has nothing of it, and its empty verdict must not stand beside that one.
+            return CollectResult()
         return CollectResult(tuple(self.ml.samples()), self.ml.facts())
 
     async def _read_window(self) -> None:

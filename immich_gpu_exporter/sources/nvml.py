@@ -499,11 +499,18 @@ class NvmlSource(Source):
         return reading, infos
 
     def _read_members(self, unit_pids: Mapping[str, Sequence[int]], cgroups: Iterable[tuple[str, str]],
-                      keep: Iterable[int]) -> dict[int, attr.ProcessInfo | None]:
+                      keep: Iterable[int], seeds: Iterable[int] = ()) -> dict[int, attr.ProcessInfo | None]:
         """Processes of the Immich units and containers, also those not on the GPU (the gunicorn
-        arbiter, the server's other workers): from systemd's facts, else from the cgroup tree."""
+        arbiter, the server's other workers): from systemd's facts, else from the cgroup tree.
+        `seeds`: init PIDs of Immich containers (docker facts) whose cgroup is walked too, so a
+        container with no process on the GPU still gets its CPU and memory series."""
         mounts = self._mount_table()
         wanted = {p for pids in unit_pids.values() for p in pids}
+        cgroups = set(cgroups)
+        for pid in seeds:
+            seed = self._table.lookup(pid)
+            if seed is not None and seed.placement.container_id and seed.placement.owner_cgroup:
+                cgroups.add((seed.placement.hierarchy, seed.placement.owner_cgroup))
         for hierarchy, path in cgroups:
             mount = mounts.get(hierarchy)
             if mount:
@@ -518,15 +525,25 @@ class NvmlSource(Source):
         unit_pids = {u: tuple(p) for u, p in (self.hub.facts("systemd").get("unit_pids") or {}).items()
                      if attr.component_of(self.patterns, u) != attr.OTHER}
         reading, infos = await self._worker.call(self._read_gpus)
+        # The docker source knows Immich's containers by compose service or image: their names and
+        # components hold even where the container name matches no component.* glob.
+        docker = self.hub.facts("docker")
+        known: dict[str, str] = dict(docker.get("containers") or {})
+        by_name: dict[str, str] = dict(docker.get("components") or {})
+        seeds = tuple(p for p in (docker.get("init_pids") or {}).values() if isinstance(p, int) and p > 0)
         ids = {i.placement.container_id for i in infos.values() if i is not None and i.placement.container_id}
-        names = await self._docker.resolve(ids) if ids else {}
+        names = await self._docker.resolve(ids - set(known)) if ids - set(known) else {}
         self._docker.forget_except(ids)
+        names.update(known)
 
         def view(pid: int, info: attr.ProcessInfo | None) -> ProcView:
             if info is None:  # gone, or in a PID namespace we cannot see
                 return ProcView(pid, "", attr.Identity(attr.OTHER, "", ""))
-            return ProcView(pid, info.comm, attr.identity(info.placement, self.patterns, names),
-                            info.nice, info.memlock, info.rss_bytes, info.cpu_seconds, info.start_ticks)
+            who = attr.identity(info.placement, self.patterns, names)
+            if who.component == attr.OTHER and who.container in by_name:
+                who = attr.Identity(by_name[who.container], who.unit, who.container)
+            return ProcView(pid, info.comm, who, info.nice, info.memlock, info.rss_bytes, info.cpu_seconds,
+                            info.start_ticks)
 
         views = {pid: view(pid, info) for pid, info in infos.items()}
         # Immich groups seen on the GPU whose membership systemd does not already give.
@@ -534,8 +551,8 @@ class NvmlSource(Source):
                    if i is not None and views[pid].who.component != attr.OTHER and i.placement.owner_cgroup
                    and (i.placement.container_id or i.placement.unit not in unit_pids)}
         groups: dict[attr.Identity, dict[int, ProcView]] = {}
-        if unit_pids or cgroups:
-            members = await self._worker.call(self._read_members, unit_pids, cgroups, infos)
+        if unit_pids or cgroups or seeds:
+            members = await self._worker.call(self._read_members, unit_pids, cgroups, infos, seeds)
             by_unit = {p: u for u, pids in unit_pids.items() for p in pids}
             for pid, info in members.items():
                 v = views.get(pid) or view(pid, info)
