@@ -1,0 +1,145 @@
+"""Containers that replay a captured ML service log: real timing, real streams, real processes.
+
+A capture is either a journal (journalctl -o json lines, or journal export format) of the ML unit,
+or `docker.jsonl` ({"stream", "time", "log"} per line, as Docker's json-file driver stores them).
+`replay_lines()` turns it into (offset µs, process, fd, text) tuples for the static C program
+tests/support/replay_ml.c, which a FROM scratch image runs as its entrypoint.
+
+Which stream a journal line goes to (journald merges both into one unit stream, so the capture
+does not say it): Immich's Rich handler prints through a `rich.console.Console()`, whose default
+file is stdout, and gunicorn's, uvicorn's and Immich's own loggers all go through it
+(machine-learning/immich_ml/log_conf.json, config.py `CustomRichHandler`); ORT's `EP Error` block
+is a Python print(), also stdout; ONNX Runtime's native logger writes to stderr (its default sink),
+and so does the `\\x1b[m` entry that follows a native line ending in a newline. So: native ORT
+lines and that reset entry -> stderr, everything else -> stdout.
+
+Which process writes a line: the capture's _PID; the first PID is gunicorn's master, the others
+are workers in order of appearance (the C program forks them like gunicorn boots them).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import struct
+import tempfile
+from typing import Any, Iterable
+
+from immich_gpu_exporter.docker_api import parse_time
+from immich_gpu_exporter.mllog import message_text, strip_ansi
+from tests.support import dockerd as dsupport
+
+HERE = pathlib.Path(__file__).resolve().parent
+REAL_ML = HERE.parent / "fixtures" / "real-ml"
+ML_IMAGE = "ghcr.io/immich-app/immich-machine-learning"
+SERVER_IMAGE = "ghcr.io/immich-app/immich-server"
+
+
+def parse_export(data: bytes) -> list[dict[str, Any]]:
+    """Journal export format -> entries (field -> str)."""
+    entries: list[dict[str, Any]] = []
+    cur: dict[str, Any] = {}
+    i = 0
+    while i < len(data):
+        nl = data.index(b"\n", i) if b"\n" in data[i:] else len(data)
+        line = data[i:nl]
+        if not line:
+            if cur:
+                entries.append(cur)
+            cur = {}
+            i = nl + 1
+            continue
+        if b"=" in line:
+            k, _, v = line.partition(b"=")
+            cur[k.decode()] = v.decode("utf-8", "replace")
+            i = nl + 1
+        else:  # binary field: name \n le64 size, data \n
+            size = struct.unpack_from("<Q", data, nl + 1)[0]
+            start = nl + 9
+            cur[line.decode()] = data[start:start + size].decode("utf-8", "replace")
+            i = start + size + 1
+    if cur:
+        entries.append(cur)
+    return entries
+
+
+def load_journal(path: pathlib.Path) -> list[dict[str, Any]]:
+    data = path.read_bytes()
+    if path.suffix in (".json", ".jsonl") or data[:1] == b"{":
+        return [json.loads(x) for x in data.splitlines() if x.strip()]
+    return parse_export(data)
+
+
+def is_native_ort(text: str) -> bool:
+    plain = strip_ansi(text)
+    return "onnxruntime:" in plain[:64]
+
+
+def replay_lines(entries: Iterable[dict[str, Any]], ml_only: str | None = None) -> list[tuple[int, int, int, str]]:
+    out: list[tuple[int, int, int, str]] = []
+    pids: dict[str, int] = {}
+    t0: int | None = None
+    previous_native = False
+    for e in entries:
+        if ml_only and e.get("_SYSTEMD_UNIT") not in (ml_only, None) and e.get("CONTAINER_NAME") is None:
+            continue
+        text = message_text(e.get("MESSAGE"))
+        ts = int(e.get("__REALTIME_TIMESTAMP") or 0)
+        t0 = ts if t0 is None else t0
+        pid = str(e.get("_PID") or "0")
+        who = pids.setdefault(pid, len(pids))
+        native = is_native_ort(text)
+        fd = 2 if native or (previous_native and strip_ansi(text).strip() == "") else 1
+        previous_native = native
+        for physical in text.split("\n"):
+            out.append((ts - t0, who, fd, physical))
+    return out
+
+
+def replay_lines_docker(path: pathlib.Path) -> list[tuple[int, int, int, str]]:
+    """docker.jsonl: the streams are known; one process (the capture does not name PIDs)."""
+    out: list[tuple[int, int, int, str]] = []
+    t0: float | None = None
+    for raw in path.read_text().splitlines():
+        if not raw.strip():
+            continue
+        d = json.loads(raw)
+        t = parse_time(d["time"]) or 0.0
+        t0 = t if t0 is None else t0
+        out.append((int(round((t - t0) * 1e6)), 0, 2 if d["stream"] == "stderr" else 1, d["log"].rstrip("\n")))
+    return out
+
+
+def write_replay(lines: Iterable[tuple[int, int, int, str]], path: pathlib.Path) -> pathlib.Path:
+    with open(path, "w") as f:
+        for at, who, fd, text in lines:
+            esc = text.replace("\\", "\\\\").replace("\x1b", "\\e").replace("\t", "    ")
+            f.write(f"{at}\t{who}\t{fd}\t{esc}\n")
+    return path
+
+
+def build_replay_image(d: "dsupport.Dockerd", tag: str = f"{ML_IMAGE}:v3.1.0-cuda") -> str:
+    """The replay image, FROM scratch: busybox and the static replayer. Tagged like Immich's image
+    so discovery by image and the flavour are exercised too."""
+    work = pathlib.Path(tempfile.mkdtemp(prefix="replay-", dir=d.dir))
+    exe = dsupport.compile_static(str(HERE / "replay_ml.c"), str(work / "replay_ml"))
+    d.scratch_image(tag, {"/usr/bin/replay_ml": exe}, ['ENTRYPOINT ["/usr/bin/replay_ml", "/replay/log.txt"]'])
+    return tag
+
+
+def run_replay(d: "dsupport.Dockerd", image: str, name: str, lines: list[tuple[int, int, int, str]],
+               speed: float = 1.0, service: str = "immich-machine-learning", extra: Iterable[str] = ()) -> str:
+    """Start a replay container like compose would name and label it; returns its id."""
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="replay-", dir=d.dir))
+    write_replay(lines, folder / "log.txt")
+    r = d.cli("run", "-d", "--name", name, "--network", "none",
+              "--label", f"com.docker.compose.service={service}", "--label", "com.docker.compose.project=immich",
+              "-v", f"{folder}:/replay:ro", *extra, image, f"{speed:g}")
+    return r.stdout.strip()
+
+
+def real_captures() -> list[pathlib.Path]:
+    """Variant folders of real captures (tests/fixtures/real-ml/<variant>/), when they are present."""
+    if not REAL_ML.is_dir():
+        return []
+    return sorted(p for p in REAL_ML.iterdir() if p.is_dir())
