@@ -206,6 +206,7 @@ class ContainerView:
     state: str  # created, running, paused, restarting, removing, exited, dead
     health: str  # starting, healthy, unhealthy, "" without a health check
     restarts: int
+    exit_code: int  # of the last run (0 while it has not exited)
     started_at: float | None  # unix seconds
     pid: int  # the container's init process as the host sees it, 0 when not running
     log_driver: str
@@ -245,6 +246,7 @@ def container_view(inspect: Mapping[str, Any]) -> ContainerView:
         state=str(state.get("Status") or "unknown"),
         health=health if health in ("starting", "healthy", "unhealthy") else "",
         restarts=int(inspect.get("RestartCount") or 0),
+        exit_code=int(state.get("ExitCode") or 0),
         started_at=parse_time(str(state.get("StartedAt") or "")),
         pid=int(state.get("Pid") or 0),
         log_driver=str((host.get("LogConfig") or {}).get("Type") or ""),

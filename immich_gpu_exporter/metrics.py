@@ -91,6 +91,9 @@ _DEFS: list[MetricDef] = [
     _m("immich_container_restarts_total", "counter",
        "Restarts of the container by its restart policy (Docker's RestartCount; a recreated container starts "
        "at 0).", ("container",), "docker"),
+    _m("immich_container_exit_code", "gauge",
+       "Exit code of the container's last run (0 while running or after a clean stop; 137 after SIGKILL).",
+       ("container",), "docker"),
     _m("immich_container_start_timestamp_seconds", "gauge", "Unix time the container last started.",
        ("container",), "docker"),
     _m("immich_container_info", "gauge",

@@ -153,7 +153,7 @@ def test_container_view_keeps_the_used_fields_and_never_the_environment():
     assert v == d.ContainerView(
         id="c" * 64, name="immich_machine_learning", service="immich-machine-learning",
         image="ghcr.io/immich-app/immich-machine-learning:release-cuda", state="running", health="healthy",
-        restarts=3, started_at=1796408150.440398701, pid=4242, log_driver="json-file", tty=False,
+        restarts=3, exit_code=0, started_at=1796408150.440398701, pid=4242, log_driver="json-file", tty=False,
         gpu_access="device_request")
     assert "hunter2" not in repr(v) and "secret" not in repr(v)
 

@@ -383,6 +383,7 @@ class DockerSource(Source):
             if v.health:
                 out.extend(sample("immich_container_health", v.health == h, container=c, health=h) for h in HEALTH)
             out.append(sample("immich_container_restarts_total", v.restarts, container=c))
+            out.append(sample("immich_container_exit_code", v.exit_code, container=c))
             if v.started_at is not None:
                 out.append(sample("immich_container_start_timestamp_seconds", v.started_at, container=c))
         for v in self.ml_containers():
