@@ -250,3 +250,54 @@ async def test_a_recreated_container_is_followed_under_its_new_id(dockerd, image
         assert list(state["positions"]) == [dockerd.inspect(ML)["Id"]]
     finally:
         await src.close()
+
+
+# --- real captures of Immich's ML service, replayed in containers --------------------------------------
+# tests/fixtures/real-ml/<variant>/ (captured by running the real service; see its README): journal.json
+# or unit.export, and for some variants docker.jsonl with the streams Docker saw. Each is replayed with its
+# own timing (sped up 4x) and judged against the same capture read the journal way; where the variant
+# says what the truth is, against that too.
+EXPECTED = {  # variant -> (effective provider, cpu_fallback); from the capture recipe's variants
+    "cpu": ("CPUExecutionProvider", False),
+    "gpu": ("CPUExecutionProvider", True),
+    "gpu-nodriver": ("CPUExecutionProvider", True),
+    "gpu-docker": ("CPUExecutionProvider", True),
+    "openvino": ("OpenVINOExecutionProvider", False),
+}
+CAPTURES = replay.real_captures()
+
+
+def capture_journal(folder: pathlib.Path) -> list[dict]:
+    for name in ("journal.json", "unit.export"):
+        if (folder / name).exists():
+            return [e for e in replay.load_journal(folder / name)
+                    if e.get("_SYSTEMD_UNIT") in (None, "immich-machine-learning.service")]
+    return []
+
+
+if CAPTURES:  # generated once the captures are merged; until then there is nothing to replay
+    @pytest.mark.parametrize("folder", CAPTURES, ids=[p.name for p in CAPTURES])
+    async def test_real_capture_replayed_in_a_container_is_judged_like_its_journal(
+            dockerd, images, clean, tmp_path, folder):
+        entries = capture_journal(folder)
+        parser, ml = Parser(), MLState()
+        for e in entries:
+            for ev in parser.feed(e):
+                ml.apply(ev)
+        for ev in parser.flush():
+            ml.apply(ev)
+        docker_log = folder / "docker.jsonl"
+        lines = replay.replay_lines_docker(docker_log) if docker_log.exists() else replay.replay_lines(entries)
+        replay.run_replay(dockerd, images["ml"], ML, lines, 4.0)
+        src = await started(make(dockerd, tmp_path))
+        try:
+            r = await until(src, lambda r: sum(values(r, "immich_ml_log_entries_total").values()) >= len(lines),
+                            timeout=max(60.0, lines[-1][0] / 4e6 + 30))
+            await asyncio.sleep(0.5)
+            r = await src.collect()
+            assert r.facts["effective_provider"] == ml.effective
+            assert values(r, "immich_ml_cpu_fallback") == {(): float(ml.cpu_fallback)}
+            if folder.name in EXPECTED:
+                assert (ml.effective, ml.cpu_fallback) == EXPECTED[folder.name]
+        finally:
+            await src.close()

@@ -75,19 +75,33 @@ def is_native_ort(text: str) -> bool:
     return "onnxruntime:" in plain[:64]
 
 
-def replay_lines(entries: Iterable[dict[str, Any]], ml_only: str | None = None) -> list[tuple[int, int, int, str]]:
+_MASTER_LINES = ("Starting gunicorn", "Listening at", "Using worker", "Handling signal", "was sent SIG",
+                 "Shutting down: Master", "Control socket", "Worker exiting", "Initializing Immich ML")
+
+
+def replay_lines(entries: Iterable[dict[str, Any]]) -> list[tuple[int, int, int, str]]:
+    entries = list(entries)
     out: list[tuple[int, int, int, str]] = []
     pids: dict[str, int] = {}
+    # A capture whose entries all carry one _PID (the typed fixtures; Docker's journald driver,
+    # whose _PID is dockerd's) does not tell master from worker: then a worker starts at each
+    # `Booting worker with pid` (gunicorn logs it from the worker) and gunicorn's own lines stay
+    # with the master.
+    one_pid = len({str(e.get("_PID") or "0") for e in entries}) == 1
+    worker = 0
     t0: int | None = None
     previous_native = False
     for e in entries:
-        if ml_only and e.get("_SYSTEMD_UNIT") not in (ml_only, None) and e.get("CONTAINER_NAME") is None:
-            continue
         text = message_text(e.get("MESSAGE"))
         ts = int(e.get("__REALTIME_TIMESTAMP") or 0)
         t0 = ts if t0 is None else t0
-        pid = str(e.get("_PID") or "0")
-        who = pids.setdefault(pid, len(pids))
+        if one_pid:
+            plain = strip_ansi(text)
+            if "Booting worker with pid" in plain:
+                worker += 1
+            who = 0 if worker == 0 or any(m in plain for m in _MASTER_LINES) else worker
+        else:
+            who = pids.setdefault(str(e.get("_PID") or "0"), len(pids))
         native = is_native_ort(text)
         fd = 2 if native or (previous_native and strip_ansi(text).strip() == "") else 1
         previous_native = native
