@@ -4,7 +4,8 @@
     python grafana/build_dashboard.py --check  # exit 1 if the JSON is out of date (a test runs this)
 
 Every query names only metrics from immich_gpu_exporter/metrics.py and filters by the
-dashboard variables `$instance` and (for GPU panels) `$gpu`. The layout is computed: panels
+dashboard variables `$immich` (the installation: the `immich` target label of a two-host, remote-ML
+set-up, docs/remote-ml.md; "All" matches hosts without it), `$instance` and (for GPU panels) `$gpu`. The layout is computed: panels
 flow left to right in rows of 24 columns.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 OUT = pathlib.Path(__file__).resolve().parent / "immich-gpu-dashboard.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-I = 'instance=~"$instance"'  # noqa: E741 - the filter every query carries
+I = 'immich=~"$immich", instance=~"$instance"'  # noqa: E741 - the filter every query carries
 G = f'{I}, gpu=~"$gpu"'
 ML_QUEUES = 'queue=~"smartSearch|faceDetection|ocr"'
 
@@ -120,23 +121,29 @@ def build() -> dict[str, Any]:
     red_green = [{"color": "green", "value": None}, {"color": "red", "value": 1}]
 
     L.row("Verdict: is Immich on the GPU?")
+    L.add(stat("Data", f'count(immich_gpu_exporter_build_info{{{I}, mode="demo"}}) or vector(0)',
+               thresholds=red_green,
+               mappings=[{"type": "value", "options": {"0": {"text": "live"}}},
+                         {"type": "range", "options": {"from": 1, "to": None, "result": {"text": "DEMO"}}}],
+               description="DEMO when an instance shown is `immich-gpu-exporter demo` (build_info mode=\"demo\"): "
+                           "its values are a built-in replay, not a real host."), 4, 4)
     L.add(stat("Effective provider", f"immich_ml_execution_provider{{{I}}} == 1", "{{provider}}", text_mode="name",
                description="The ONNX Runtime execution provider the ML service really runs on (from its journal)."),
-          5, 4)
+          4, 4)
     L.add(stat("Preferred provider", f"immich_ml_preferred_execution_provider{{{I}}} == 1", "{{provider}}",
                text_mode="name", description="First provider of the latest 'Setting execution providers' line."),
-          5, 4)
+          4, 4)
     L.add(stat("CPU fallback", f"max(immich_ml_cpu_fallback{{{I}}})", thresholds=red_green,
                mappings=[{"type": "value", "options": {"0": {"text": "no"}, "1": {"text": "FALLBACK"}}}],
                description="1 when a GPU provider is preferred but the ML service runs on the CPU."), 4, 4)
     L.add(stat("GPU memory held by Immich ML",
                f'sum(immich_gpu_process_memory_used_bytes{{{G}, component="ml"}}) or vector(0)', unit="bytes",
                description="0 while a GPU provider is preferred and models are loaded means the work is on the CPU."),
-          5, 4)
+          4, 4)
     L.add(stat("Units active",
                f'sum(immich_unit_state{{{I}, state="active"}}) / count(immich_unit_info{{{I}, load_state="loaded"}})',
                unit="percentunit", description="Share of the watched, existing units that are active.",
-               thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}]), 5, 4)
+               thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}]), 4, 4)
 
     L.row("Before / after: seconds per job, CPU vs CUDA")
     # provider="" is ML work done before the exporter knew the provider (no provider line read yet)
@@ -256,13 +263,20 @@ def build() -> dict[str, Any]:
     variables = [
         {"type": "datasource", "name": "datasource", "label": "Data source", "query": "prometheus",
          "current": {}, "hide": 0, "refresh": 1, "options": []},
-        {"type": "query", "name": "instance", "label": "Instance", "datasource": DS,
-         "query": {"query": "label_values(immich_gpu_exporter_build_info, instance)", "refId": "instance"},
-         "definition": "label_values(immich_gpu_exporter_build_info, instance)", "refresh": 2, "includeAll": True,
+        # An installation on two hosts (remote ML) is one `immich` value; "All" (.*) also matches the
+        # hosts that have no such label (one-host installations need none).
+        {"type": "query", "name": "immich", "label": "Installation", "datasource": DS,
+         "query": {"query": "label_values(immich_gpu_exporter_build_info, immich)", "refId": "immich"},
+         "definition": "label_values(immich_gpu_exporter_build_info, immich)", "refresh": 2, "includeAll": True,
          "multi": True, "allValue": ".*", "current": {}, "options": [], "sort": 1},
+        {"type": "query", "name": "instance", "label": "Instance", "datasource": DS,
+         "query": {"query": 'label_values(immich_gpu_exporter_build_info{immich=~"$immich"}, instance)',
+                   "refId": "instance"},
+         "definition": 'label_values(immich_gpu_exporter_build_info{immich=~"$immich"}, instance)', "refresh": 2,
+         "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "options": [], "sort": 1},
         {"type": "query", "name": "gpu", "label": "GPU", "datasource": DS,
-         "query": {"query": 'label_values(immich_gpu_info{instance=~"$instance"}, gpu)', "refId": "gpu"},
-         "definition": 'label_values(immich_gpu_info{instance=~"$instance"}, gpu)', "refresh": 2,
+         "query": {"query": f'label_values(immich_gpu_info{{{I}}}, gpu)', "refId": "gpu"},
+         "definition": f'label_values(immich_gpu_info{{{I}}}, gpu)', "refresh": 2,
          "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "options": [], "sort": 1},
     ]
     return {

@@ -117,6 +117,22 @@ def _listen_address(v: Any) -> str:
     return s
 
 
+ROLES = ("all", "ml", "server")
+# What a role changes: defaults only, so an explicit flag, variable or key still wins.
+ROLE_DEFAULTS: dict[str, dict[str, Any]] = {"all": {}, "ml": {"collector.immich": False}, "server": {}}
+
+
+def _role(v: Any) -> str:
+    s = _str(v).strip().lower()
+    if s not in ROLES:
+        raise ValueError(f"expected one of {', '.join(ROLES)}, got {v!r}")
+    return s
+
+
+def _url_list(v: Any) -> tuple[str, ...]:
+    return tuple(_url(x) for x in _str_list(v))
+
+
 def _log_level(v: Any) -> str:
     s = _str(v).strip().lower()
     if s not in ("debug", "info", "warning", "error"):
@@ -195,6 +211,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("collector.docker", _bool, True,
            "Immich's containers (state, health, restarts, GPU access) and the ML container's log over the "
            "Docker Engine API; no socket means no Docker here, not an error", boolean=True),
+    Option("collector.remote", _bool, True, "read the provider in force from the ML host's exporter (runs only "
+           "when --remote-ml.exporter-url is set)", boolean=True),
+    Option("deployment.role", _role, "all", "what this host runs: all (server and ML here, the default), ml (the GPU host of "
+           "a remote-ML set-up: the Immich collector is off by default), server (the server host: the provider "
+           "comes from --remote-ml.exporter-url); see docs/remote-ml.md", metavar="ROLE"),
     # NVML / attribution
     Option("nvml.interval", _positive_float, 5.0, "seconds between NVML collections"),
     Option("nvml.retry-interval", _positive_float, 300.0,
@@ -249,6 +270,9 @@ OPTIONS: tuple[Option, ...] = (
     # immich
     Option("immich.url", _url, "http://localhost:2283", "Immich server URL"),
     Option("immich.ml-url", _url, "http://localhost:3003", "Immich machine-learning service URL"),
+    Option("immich.ml-failover-url", _url_list, (),
+           "further ML URLs in the order of Immich's machineLearning.urls list, after --immich.ml-url (repeatable)",
+           repeatable=True, metavar="URL"),
     Option("immich.api-key-file", _opt_path, None,
            "file holding an admin API key with queue.read/job.read (systemd LoadCredential= works)",
            metavar="FILE"),
@@ -259,6 +283,10 @@ OPTIONS: tuple[Option, ...] = (
            metavar="URL"),
     Option("immich.interval", _positive_float, 5.0, "seconds between Immich API polls"),
     Option("immich.timeout", _positive_float, 3.0, "seconds each Immich API request may take"),
+    # remote machine learning (the server host of a two-host installation)
+    Option("remote-ml.exporter-url", _url_list, (),
+           "/metrics URL of the exporter on the ML host (repeatable: one per ML URL, in the same order)",
+           repeatable=True, metavar="URL"),
     # demo
     Option("demo.speed", _positive_float, 1.0,
            "demo command only: replay the built-in scenario this many times faster than real time (one "
@@ -416,6 +444,9 @@ def load(flags: Mapping[str, Any], config_file: str | None, environ: Mapping[str
         else:
             values[key] = _parse(opt, raw, f"flag {opt.flag}")
         origin[key] = "flag"
+    for key, value in ROLE_DEFAULTS[values["deployment.role"]].items():
+        if origin[key] == "default":
+            values[key], origin[key] = value, "role"
     return Config(values, origin)
 
 

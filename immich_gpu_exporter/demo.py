@@ -663,7 +663,7 @@ def build_daemon(cfg: Any, clock: Any, strict_samples: bool = False) -> Any:
 
     cfg = demo_config(cfg)
     scenario = Scenario(clock)
-    daemon = Daemon(strict_samples=strict_samples)
+    daemon = Daemon(strict_samples=strict_samples, mode="demo")  # labelled: never mistaken for a real host
     for name, cls in DEMO_SOURCES.items():
         if cfg[f"collector.{name}"]:
             daemon.add(cls(cfg, daemon.hub, scenario))

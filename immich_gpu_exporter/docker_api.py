@@ -1,27 +1,107 @@
-"""The one Docker Engine API client (also Podman's Docker-compatible socket), and the pure reading
-of what it returns.
+"""The project's one client of the Docker Engine API (Podman's compat API answers the same).
 
-Pure part (table-tested): `demux()` splits the multiplexed stdout/stderr stream of a non-TTY
-container's logs into frames; `split_timestamp()` reads the RFC 3339 nanosecond stamp that
-`timestamps=1` puts before each line; `LogPosition` decides which lines of a re-read log were
-already applied (the logs API has no cursor: the last timestamp, with nanoseconds, and how many
-lines carried exactly that timestamp); `flavour()` names the hardware flavour of an Immich image
-tag; `gpu_access()` says how a container was given a GPU; `container_view()` keeps the few fields
-of an inspect answer the exporter uses (never the environment: it holds database passwords).
+Owns the unix-socket connection to the engine and what a container *is* for Immich: its name,
+image and compose labels (`ContainerInfo`, from `GET /containers/<id>/json`) and the Immich
+component that follows from them (`container_component()`, pure): the compose service label
+`com.docker.compose.service` (`immich-server`, `immich-machine-learning` in Immich's compose
+file), else the image repository (`ghcr.io/immich-app/immich-server`,
+`.../immich-machine-learning`, any tag), else the configured name patterns. Without an
+answering API (no Docker, no permission on the socket) a container keeps its short id and
+only the name patterns can place it.
 
-I/O part: `DockerAPI`, a small aiohttp client on the unix socket: JSON requests, the events
-stream and the logs stream. It never raises on a missing socket at construction; each request
-fails with `DockerUnavailable` carrying a short reason.
+`DockerClient` is best effort and never raises out of its public calls: an unreachable socket
+is remembered for `retry` seconds so a collection cycle does not pay a failed connect each time.
+`request()` is the low-level call other features build on. The docker source's calls (`get()`,
+`stream()`, `containers()`, `inspect_json()`, `events()`, `logs()`) raise `DockerUnavailable`
+with a short reason instead: that source reports itself down with it.
+
+The pure reading of container logs and facts (table-tested): `demux()` splits the multiplexed
+stdout/stderr stream of a non-TTY container's logs into frames; `split_timestamp()` reads the
+RFC 3339 nanosecond stamp that `timestamps=1` puts before each line; `LogPosition` decides which
+lines of a re-read log were already applied (the logs API has no cursor: the last timestamp, with
+nanoseconds, and how many lines carried exactly that timestamp); `flavour()` names the hardware
+flavour of an Immich image tag; `gpu_access()` says how a container was given a GPU;
+`container_view()` keeps the few fields of an inspect answer the docker source uses (never the
+environment: it holds database passwords).
 """
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import dataclasses
 import json
+import logging
+import math
+import os
 import re
 import struct
-from typing import Any, AsyncIterator, Iterable, Mapping
+import time
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
+
+from .attribution import OTHER, component_of
+
+log = logging.getLogger("immich_gpu_exporter.docker")
+
+COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
+# Immich's own compose file (docker/docker-compose.yml) names its services and images so.
+IMMICH_SERVICES = {"immich-server": "server", "immich-machine-learning": "ml"}
+IMMICH_IMAGES = {"ghcr.io/immich-app/immich-server": "server", "ghcr.io/immich-app/immich-machine-learning": "ml"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerInfo:
+    """What the engine says about one container; empty strings when it does not say."""
+
+    id: str
+    name: str  # without the leading "/"
+    image: str = ""  # Config.Image as the user wrote it (ghcr.io/immich-app/immich-server:release)
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    state: str = ""  # State.Status: running, exited, restarting, ...
+
+    @property
+    def compose_service(self) -> str:
+        return self.labels.get(COMPOSE_SERVICE_LABEL, "")
+
+
+def parse_inspect(body: Any) -> ContainerInfo | None:
+    """`GET /containers/<id>/json` -> ContainerInfo (pure); None when it names no container."""
+    if not isinstance(body, dict):
+        return None
+    name = body.get("Name")
+    cid = body.get("Id")
+    if not isinstance(name, str) or not name.strip("/") or not isinstance(cid, str):
+        return None
+    cfg = body.get("Config") if isinstance(body.get("Config"), dict) else {}
+    labels = cfg.get("Labels") if isinstance(cfg.get("Labels"), dict) else {}
+    state = body.get("State") if isinstance(body.get("State"), dict) else {}
+    image = cfg.get("Image")
+    return ContainerInfo(cid, name.lstrip("/"), image if isinstance(image, str) else "",
+                         {str(k): str(v) for k, v in labels.items()},
+                         state.get("Status") if isinstance(state.get("Status"), str) else "")
+
+
+def image_repository(image: str) -> str:
+    """ghcr.io/immich-app/immich-server:v3.1.0@sha256:... -> ghcr.io/immich-app/immich-server.
+    A colon after the last slash is a tag; one before it belongs to a registry port."""
+    repo = image.split("@", 1)[0]
+    slash = repo.rfind("/")
+    colon = repo.rfind(":")
+    return repo[:colon] if colon > slash else repo
+
+
+def container_component(patterns: Mapping[str, Sequence[str]], name: str, info: ContainerInfo | None = None) -> str:
+    """The Immich component of a container (pure): compose service, image, then name patterns."""
+    if info is not None:
+        by_service = IMMICH_SERVICES.get(info.compose_service)
+        if by_service is not None:
+            return by_service
+        by_image = IMMICH_IMAGES.get(image_repository(info.image))
+        if by_image is not None:
+            return by_image
+    return component_of(patterns, container=name) if name else OTHER
+
 
 # --- the multiplexed log stream ------------------------------------------------------------------
 
@@ -138,15 +218,6 @@ class LogPosition:
 FLAVOURS = ("cuda", "openvino", "rocm", "armnn", "rknn")
 
 
-def image_repository(image: str) -> str:
-    """`ghcr.io/immich-app/immich-machine-learning:v2.0.1-cuda@sha256:...` -> the name without tag
-    or digest."""
-    name = image.split("@", 1)[0]
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    return name[:colon] if colon > slash else name
-
-
 def image_tag(image: str) -> str:
     name = image.split("@", 1)[0]
     slash = name.rfind("/")
@@ -191,8 +262,7 @@ def gpu_access(host_config: Mapping[str, Any]) -> str:
     return "+".join(sorted(kinds)) or "none"
 
 
-SERVICE_LABEL = "com.docker.compose.service"
-PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = COMPOSE_SERVICE_LABEL
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -274,8 +344,6 @@ class Matcher:
         return None
 
 
-# --- the client ----------------------------------------------------------------------------------
-
 class DockerUnavailable(Exception):
     """The API cannot be reached or refused; `reason` is a short bounded label."""
 
@@ -285,21 +353,69 @@ class DockerUnavailable(Exception):
         self.detail = detail
 
 
-class DockerAPI:
-    """Requests to the Engine API on a unix socket. One session; `close()` at shutdown."""
+class DockerClient:
+    """Container facts over the engine API on a unix socket; cached per container id."""
 
-    def __init__(self, socket_path: str, timeout: float = 3.0) -> None:
+    def __init__(self, socket_path: str, timeout: float = 1.0, retry: float = 60.0) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+        self.retry = retry
+        self._known: dict[str, ContainerInfo] = {}
+        self._misses: dict[str, float] = {}  # id -> monotonic time of the failed lookup
         self._session: Any = None
 
     def _client(self) -> Any:
         import aiohttp
 
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.socket_path))
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=self.socket_path),
+                timeout=aiohttp.ClientTimeout(total=self.timeout))
         return self._session
 
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """One API call: (HTTP status, decoded JSON body or None). Raises aiohttp/OS errors;
+        the callers decide what a failure means for them."""
+        async with self._client().request(method, f"http://docker{path}", **kwargs) as r:
+            body = await r.json(content_type=None) if r.status != 204 else None
+            return r.status, body
+
+    async def _inspect_one(self, container_id: str) -> ContainerInfo | None:
+        status, body = await self.request("GET", f"/containers/{container_id}/json")
+        return parse_inspect(body) if status == 200 else None
+
+    async def inspect(self, ids: Iterable[str]) -> dict[str, ContainerInfo]:
+        """Facts of the given ids that the engine gave; never raises. Answers are cached for as
+        long as the id is live (see `forget_except`); failures are retried after `retry`."""
+        ids = set(ids)
+        now = time.monotonic()
+        todo = [i for i in ids if i not in self._known and now - self._misses.get(i, -math.inf) >= self.retry]
+        if todo and os.path.exists(self.socket_path):
+            results = await asyncio.gather(*(self._inspect_one(i) for i in todo), return_exceptions=True)
+            for cid, res in zip(todo, results):
+                if isinstance(res, ContainerInfo):
+                    self._known[cid] = res
+                    self._misses.pop(cid, None)
+                else:
+                    if isinstance(res, BaseException):
+                        log.debug("docker inspect %s: %s", cid[:12], res)
+                    self._misses[cid] = now
+        else:
+            for cid in todo:
+                self._misses[cid] = now
+        return {i: self._known[i] for i in ids if i in self._known}
+
+    async def names(self, ids: Iterable[str]) -> dict[str, str]:
+        """Container id -> name for the ids the engine knows; never raises."""
+        return {i: c.name for i, c in (await self.inspect(ids)).items()}
+
+    def forget_except(self, live: Iterable[str]) -> None:
+        keep = set(live)
+        for d in (self._known, self._misses):
+            for k in [k for k in d if k not in keep]:
+                del d[k]
+
+    # -- the docker source's calls: raise DockerUnavailable -----------------------------------------
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         import aiohttp
 
@@ -344,7 +460,7 @@ class DockerAPI:
     async def containers(self) -> list[dict[str, Any]]:
         return await self.get("/containers/json", {"all": "1"})
 
-    async def inspect(self, container_id: str) -> dict[str, Any]:
+    async def inspect_json(self, container_id: str) -> dict[str, Any]:
         return await self.get(f"/containers/{container_id}/json")
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
@@ -416,6 +532,3 @@ def journal_entry(container: str, stream: str, ns: int, text: str) -> dict[str, 
     return {"MESSAGE": text, "CONTAINER_NAME": container, "PRIORITY": "3" if stream == "stderr" else "6",
             "__REALTIME_TIMESTAMP": str(ns // 1000)}
 
-
-def names(views: Iterable[ContainerView]) -> dict[str, str]:
-    return {v.id: v.name for v in views}

@@ -50,8 +50,11 @@ _PROC_GROUP = ("component", "unit", "container")
 
 _DEFS: list[MetricDef] = [
     # --- exporter self-health -------------------------------------------------------------
-    _m("immich_gpu_exporter_build_info", "gauge", "Version of the exporter and of the Python running it; always 1.",
-       ("version", "python_version")),
+    _m("immich_gpu_exporter_build_info", "gauge",
+       "Version of the exporter and of the Python running it; always 1. mode is \"demo\" when every value is "
+       "the built-in replay of `immich-gpu-exporter demo`, invented and not read from this host, else \"live\". "
+       "role is --deployment.role: all (one host), ml or server (remote machine learning; docs/remote-ml.md).",
+       ("version", "python_version", "mode", "role")),
     _m("immich_gpu_exporter_source_up", "gauge",
        "1 if the source's last collection succeeded, 0 if it is down (see source_errors_total for why).",
        ("source",)),
@@ -135,7 +138,14 @@ _DEFS: list[MetricDef] = [
        "Unix time the effective execution provider last changed.", (), "journal"),
     # --- Immich API ----------------------------------------------------------------------------
     _m("immich_server_up", "gauge", "1 if the Immich server answered /api/server/ping.", (), "immich"),
-    _m("immich_ml_up", "gauge", "1 if the ML service answered /ping.", (), "immich"),
+    _m("immich_ml_up", "gauge", "1 if the ML service answered /ping (any of its URLs, with failover URLs).", (),
+       "immich"),
+    _m("immich_ml_url_up", "gauge", "1 if this ML URL (scheme://host:port of --immich.ml-url or a failover URL) "
+       "answered /ping.", ("url",), "immich"),
+    _m("immich_ml_serving", "gauge", "1 for the ML URL that serves Immich's ML work, inferred as Immich picks: the "
+       "first healthy URL of its list (Immich does not log it).", ("url",), "immich"),
+    _m("immich_remote_ml_exporter_up", "gauge", "1 if the exporter on a remote ML host (--remote-ml.exporter-url) "
+       "answered; its verdict gives the provider in force on a server-role host.", ("exporter",), "remote"),
     _m("immich_server_info", "gauge", "Version of the Immich server; always 1.", ("version",), "immich"),
     _m("immich_server_feature_enabled", "gauge", "1 if the server reports the feature enabled.", ("feature",),
        "immich"),

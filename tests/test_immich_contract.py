@@ -14,12 +14,12 @@ import json
 import pytest
 
 from immich_gpu_exporter.core import SourceDown
-from tests.support import immich_spec
+from tests.support import immich_spec, shared
 from tests.support.fake_immich import AUTH, FEATURES_V3, QUEUE_ADDED, FakeImmich, Key
 from tests.support.immich_source import make_source
 
 SPEC = immich_spec.load()
-pytestmark = pytest.mark.skipif(SPEC is None, reason=f"Immich OpenAPI spec not found at {immich_spec.SPEC_PATH}")
+pytestmark = shared.needs(immich_spec.SPEC_PATH)
 
 
 async def _cycles(fake: FakeImmich, n: int = 2, **kw) -> None:

@@ -59,7 +59,7 @@ class DockerSource(Source):
 
     def __init__(self, config: Any, hub: Any) -> None:
         super().__init__(config, hub)
-        self.api = dapi.DockerAPI(config["docker.socket"], float(config["collection.timeout"]))
+        self.api = dapi.DockerClient(config["docker.socket"], float(config["collection.timeout"]))
         self.matcher = dapi.Matcher(tuple(config["docker.ml-service"]), tuple(config["docker.server-service"]),
                                     tuple(config["docker.ml-image"]), tuple(config["docker.server-image"]))
         self.follow_logs = bool(config["docker.follow-logs"])
@@ -167,7 +167,7 @@ class DockerSource(Source):
             views: dict[str, dapi.ContainerView] = {}
             for cid in wanted:
                 try:
-                    views[cid] = dapi.container_view(await self.api.inspect(cid))
+                    views[cid] = dapi.container_view(await self.api.inspect_json(cid))
                 except dapi.DockerUnavailable as e:
                     if e.reason != "not_found":  # removed between list and inspect: simply gone
                         raise

@@ -27,10 +27,10 @@ from typing import Any
 
 import aiohttp
 
-from .. import immich_api as api
+from .. import immich_api as api, remote
 from ..core import CollectResult, Sample, SourceDown, sample
 from ..timings import METHOD_BACKLOG, METHOD_TELEMETRY, Observation, QueueTimings
-from .base import Source
+from .base import Source, provider_in_force
 
 log = logging.getLogger("immich_gpu_exporter.immich")
 
@@ -55,6 +55,8 @@ class ImmichSource(Source):
         self._session: aiohttp.ClientSession | None = None
         self._url = config["immich.url"]
         self._ml_url = config["immich.ml-url"]
+        # Immich's machineLearning.urls, in its order: it sends work to the first healthy one
+        self._ml_urls = [self._ml_url, *[u for u in config["immich.ml-failover-url"] if u != self._ml_url]]
         tele = config["immich.telemetry-url"]
         if tele and "/" not in tele.split("://", 1)[1]:
             tele += "/metrics"
@@ -155,27 +157,35 @@ class ImmichSource(Source):
         errors: list[str] = []
         samples: list[Sample] = []
 
-        ping, ml, version = await asyncio.gather(
+        ping, version, *mls = await asyncio.gather(
             self._get(self._url + self._server_base + "/ping"),
-            self._get(self._ml_url + "/ping", prefix="ml_", want_json=False),
             # The version decides which queue endpoint to ask and what a refused key needs.
             self._get(self._url + self._server_base + "/version"),
+            *(self._get(u + "/ping", prefix="ml_", want_json=False) for u in self._ml_urls),
             return_exceptions=True,
         )
-        for r in (ping, ml, version):
+        for r in (ping, version, *mls):
             if isinstance(r, BaseException) and not isinstance(r, _Failed):
                 raise r
         if isinstance(ping, _Failed) and ping.status == 404:
             ping, version = await self._other_server_base(ping, version)
         server_up = not isinstance(ping, BaseException) and api.decode_ping(ping)
-        ml_up = not isinstance(ml, BaseException) and api.decode_ml_ping(ml)
-        for r in (ping, ml):
+        health = [not isinstance(ml, BaseException) and api.decode_ml_ping(ml) for ml in mls]
+        ml_up = any(health)
+        for r in (ping, *mls):
             if isinstance(r, _Failed):
                 errors.append(r.reason)
         if not isinstance(ping, BaseException) and not server_up:
             errors.append("bad_json")
         samples.append(sample("immich_server_up", 1 if server_up else 0))
         samples.append(sample("immich_ml_up", 1 if ml_up else 0))
+        # Immich's log does not say which URL served a request: inferred as Immich picks, the first
+        # healthy URL of its list (docs/remote-ml.md)
+        serving = remote.serving_index(health)
+        for i, (u, ok) in enumerate(zip(self._ml_urls, health)):
+            samples.append(sample("immich_ml_url_up", 1 if ok else 0, url=remote.host_label(u)))
+            samples.append(sample("immich_ml_serving", 1 if i == serving else 0, url=remote.host_label(u)))
+        facts = {"ml_url_health": tuple(health)}
 
         observation: Observation | None = None
         if server_up:
@@ -187,7 +197,7 @@ class ImmichSource(Source):
             samples.extend(self._timing_samples(fresh=observation is not None))
         if isinstance(ping, _Failed):
             raise SourceDown(ping.reason, str(ping), tuple(samples))
-        return CollectResult(tuple(samples), errors=tuple(errors))
+        return CollectResult(tuple(samples), facts, errors=tuple(errors))
 
     async def _other_server_base(self, ping: _Failed, version: Any) -> tuple[Any, Any]:
         """The ping is 404: a server before v1.113 (/api/server-info), or one upgraded past it."""
@@ -267,11 +277,7 @@ class ImmichSource(Source):
                                "telemetry job names without a known queue (ignored): %s",
                                ", ".join(sorted(parsed.unmapped)))
                 telemetry = parsed.by_queue()
-        # the ML verdict comes from the journal, or from the ML container's log on Docker hosts
-        provider = self.hub.facts("journal").get("effective_provider") or \
-            self.hub.facts("docker").get("effective_provider")
-        return Observation(at, {q.name: q for q in decoded.queues}, telemetry,
-                           provider if isinstance(provider, str) else None)
+        return Observation(at, {q.name: q for q in decoded.queues}, telemetry, provider_in_force(self.hub))
 
     async def _queues(self, key: str) -> api.Decoded:
         path = self._queue_path or api.preferred_queue_path(self._version)

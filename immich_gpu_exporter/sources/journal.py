@@ -205,7 +205,8 @@ class JournalSource(Source):
             self.parser.load(data.get("parser") or {})
             self.ml.load(data.get("ml") or {})
             self.cursor = data.get("cursor") or None
-            log.info("journal: resuming after the persisted cursor (%s)", path)
+            if self.cursor is not None:  # a state saved before any entry was read has none to resume after
+                log.info("journal: resuming after the persisted cursor (%s)", path)
         except FileNotFoundError:
             pass
         except (OSError, ValueError, TypeError, KeyError) as e:
@@ -410,6 +411,7 @@ class JournalSource(Source):
         while True:
             before = self.entries_read
             try:
+                self._exe()  # no journalctl is the cause to report, also where there are no journal files
                 missing = find_journal_files(self.directory)
                 if missing is not None:
                     raise missing

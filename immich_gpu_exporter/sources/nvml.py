@@ -24,6 +24,7 @@ import time
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import attribution as attr
+from ..docker_api import DockerClient
 from ..core import CollectResult, Sample, SourceDown, sample
 from .base import BlockingWorker, Source
 
@@ -426,7 +427,7 @@ class NvmlSource(Source):
         self._backoff = self._base_backoff
         self.patterns = {"ml": tuple(config["component.ml"]), "server": tuple(config["component.server"])}
         self._table = attr.ProcessTable(config["proc.root"])
-        self._docker = attr.DockerNames(config["docker.socket"])
+        self._docker = DockerClient(config["docker.socket"])
         self._tracker = UtilTracker(hold=max(3 * self.interval, 15.0))
         self._cpu = CpuTotals()
         self._mounts: dict[str, str] | None = None
@@ -532,7 +533,7 @@ class NvmlSource(Source):
         by_name: dict[str, str] = dict(docker.get("components") or {})
         seeds = tuple(p for p in (docker.get("init_pids") or {}).values() if isinstance(p, int) and p > 0)
         ids = {i.placement.container_id for i in infos.values() if i is not None and i.placement.container_id}
-        names = await self._docker.resolve(ids - set(known)) if ids - set(known) else {}
+        names = await self._docker.names(ids - set(known)) if ids - set(known) else {}
         self._docker.forget_except(ids)
         names.update(known)
 

@@ -83,7 +83,8 @@ class QueueSim:
 
     def __init__(self, name: str, *, concurrency: int, arrivals: Iterable[float],
                  job_seconds: Mapping[str, float] | float, provider_at: Callable[[float], str] = lambda t: "",
-                 failed: int = 0) -> None:
+                 failed: int = 0, pause: tuple[float, float] | None = None) -> None:
+        # pause: (from, to) in which no job starts (the ML service restarting, e.g. to switch to CUDA)
         self.name = name
         self.concurrency = concurrency
         self.failed = failed
@@ -92,6 +93,8 @@ class QueueSim:
         jobs = []
         for a in sorted(arrivals):
             start = max(a, heapq.heappop(free))
+            if pause is not None and pause[0] <= start < pause[1]:
+                start = pause[1]
             p = provider_at(start)
             end = start + (per[p] if per is not None else float(job_seconds))  # type: ignore[arg-type]
             heapq.heappush(free, end)
@@ -174,6 +177,7 @@ class FakeImmich:
         self.extra_queues: dict[str, dict[str, int]] = {}  # names a newer release would add
         self.broken_entries: set[str] = set()  # queue names whose entry loses a required field
         self.ml_up = True
+        self.features_off: set[str] = set()  # features /api/server/features reports disabled
         self.ml_ping_json = False  # the older ML app answered the JSON string "pong"
         self.telemetry_offset: dict[str, int] = {}  # counters restart from 0 after a restart
         self.requests: list[Recorded] = []
@@ -287,7 +291,7 @@ class FakeImmich:
             else:
                 tag = "older_version"
         elif path == "/api/server/features":
-            body = {f: True for f in FEATURES_V3 if (f != "ocr" or self._v(2, 2))
+            body = {f: f not in self.features_off for f in FEATURES_V3 if (f != "ocr" or self._v(2, 2))
                     and (f != "realtimeTranscoding" or self._v(3, 0))}
             if not self._v(3, 0):
                 tag = "older_version"
