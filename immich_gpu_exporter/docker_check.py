@@ -9,8 +9,8 @@ Three questions, each answered by a `Finding` (ok True / False, or None where it
 * `logged_provider()`: the execution provider the container's own log shows since its last start,
   read once through the same parser and state as the exporter (`mllog`).
 
-`probe()` runs all three against a socket; the pure functions take plain data and are table-tested.
-The `check` subcommand (another issue) prints the findings; nothing here prints.
+`probe()` runs all three against a socket on its own; `check` (check.py, `check_docker_ml`) applies
+the same pure functions to what its one cycle of the docker source saw. Nothing here prints.
 """
 
 from __future__ import annotations
@@ -42,12 +42,21 @@ class Accelerators:
                    os.path.isdir(f"{dev}/dri"), os.path.exists(f"{dev}/kfd"))
 
 
+@dataclasses.dataclass(frozen=True)
+class ContainerLike:
+    """The three fields the probes read, from a ContainerView or from immich_container_info labels."""
+
+    name: str
+    image: str
+    gpu_access: str
+
+
 _NEEDS = {"cuda": "nvidia", "openvino": "dri", "rocm": "kfd"}
 _ACCESS = {"cuda": ("device_request", "nvidia_runtime", "cdi", "nvidia_devices"), "openvino": ("dri",),
            "rocm": ("kfd",)}
 
 
-def flavour_fits(view: dapi.ContainerView, acc: Accelerators) -> Finding:
+def flavour_fits(view: dapi.ContainerView | ContainerLike, acc: Accelerators) -> Finding:
     f = dapi.flavour(view.image)
     if f == "none":
         if acc.nvidia or acc.dri or acc.kfd:
@@ -62,7 +71,7 @@ def flavour_fits(view: dapi.ContainerView, acc: Accelerators) -> Finding:
     return Finding("ml_flavour", False, f"{view.name}: -{f} image but no {need} device on this host")
 
 
-def access_fits(view: dapi.ContainerView) -> Finding:
+def access_fits(view: dapi.ContainerView | ContainerLike) -> Finding:
     f = dapi.flavour(view.image)
     wanted = _ACCESS.get(f)
     if wanted is None:
@@ -74,16 +83,20 @@ def access_fits(view: dapi.ContainerView) -> Finding:
                    f"service from hwaccel.ml.yml ({f}) so the container gets the device")
 
 
-def verdict_finding(name: str, ml: MLState) -> Finding:
-    if ml.effective is None:
+def verdict_of(name: str, preferred: str | None, effective: str | None, fallback: bool) -> Finding:
+    if effective is None:
         return Finding("ml_provider", None, f"{name}: no execution provider in the log since the last start "
                        "(no model loaded yet)")
-    if ml.cpu_fallback:
-        return Finding("ml_provider", False, f"{name}: prefers {ml.preferred} but runs on {ml.effective} (CPU fallback)")
-    return Finding("ml_provider", True, f"{name}: runs on {ml.effective}")
+    if fallback:
+        return Finding("ml_provider", False, f"{name}: prefers {preferred} but runs on {effective} (CPU fallback)")
+    return Finding("ml_provider", True, f"{name}: runs on {effective}")
 
 
-async def logged_provider(api: dapi.DockerAPI, view: dapi.ContainerView) -> Finding:
+def verdict_finding(name: str, ml: MLState) -> Finding:
+    return verdict_of(name, ml.preferred, ml.effective, ml.cpu_fallback)
+
+
+async def logged_provider(api: dapi.DockerClient, view: dapi.ContainerView) -> Finding:
     parser, ml = Parser(), MLState()
     since = int((view.started_at or 0) * 1e9)
     async for stream, ns, line in api.logs(view.id, since, follow=False, tty=view.tty):
@@ -99,14 +112,14 @@ async def probe(socket: str, matcher: dapi.Matcher | None = None,
     """All Docker findings for this host; never raises for an unreachable daemon."""
     matcher = matcher or dapi.Matcher()
     acc = acc or Accelerators.on_this_host()
-    api = dapi.DockerAPI(socket)
+    api = dapi.DockerClient(socket)
     out: list[Finding] = []
     try:
         views = []
         for c in await api.containers():
             comp = matcher.component(str((c.get("Labels") or {}).get(dapi.SERVICE_LABEL) or ""), str(c.get("Image") or ""))
             if comp == "ml":
-                views.append(dapi.container_view(await api.inspect(str(c["Id"]))))
+                views.append(dapi.container_view(await api.inspect_json(str(c["Id"]))))
         if not views:
             return [Finding("docker", None, "no Immich ML container found")]
         for v in views:

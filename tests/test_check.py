@@ -30,7 +30,7 @@ SERVER_UNIT = "immich-server.service"
 KEY = "check-key-6c1d2e"
 DEADLINE = 20.0
 CHECK_IDS = ["role", "driver", "modules", "devices", "container_gpu", "services", "provider", "gpu_memory", "ml_features",
-             "tuning", "environment"]
+             "tuning", "environment", "docker_ml"]
 
 
 @pytest.fixture(scope="module")

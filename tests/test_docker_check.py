@@ -57,8 +57,8 @@ async def test_probe_reads_the_fallback_from_the_ml_containers_log(dockerd, tmp_
     image = replay.build_replay_image(dockerd)
     entries = [e for e in replay.load_journal(FIXTURES / "cuda_create_failed.export")
                if e.get("_SYSTEMD_UNIT") != "immich-server.service"]
-    lines = replay.replay_lines(entries)
-    replay.run_replay(dockerd, image, "immich_machine_learning", lines, 50.0)
+    lines = replay.spaced(replay.replay_lines(entries), 20_000)
+    replay.run_replay(dockerd, image, "immich_machine_learning", lines, 1.0)
     try:
         while len(dockerd.cli("logs", "immich_machine_learning").stdout.splitlines()) + \
                 len(dockerd.cli("logs", "immich_machine_learning").stderr.splitlines()) < replay.physical(lines):
@@ -69,5 +69,31 @@ async def test_probe_reads_the_fallback_from_the_ml_containers_log(dockerd, tmp_
         assert by["ml_gpu_access"].ok is False and "gpu_access=none" in by["ml_gpu_access"].detail
         assert by["ml_provider"].ok is False and "CPU fallback" in by["ml_provider"].detail
         assert not c.summary(found)
+    finally:
+        dockerd.cli("rm", "-f", "immich_machine_learning")
+
+
+def test_check_reports_the_ml_containers_flavour_access_and_fallback(dockerd, tmp_path):
+    """`immich-gpu-exporter check` on a Docker host: one row from the docker source's cycle."""
+    import json
+
+    from tests.support.proc import run_cli
+
+    image = replay.build_replay_image(dockerd)
+    entries = [e for e in replay.load_journal(FIXTURES / "cuda_create_failed.export")
+               if e.get("_SYSTEMD_UNIT") != "immich-server.service"]
+    lines = replay.spaced(replay.replay_lines(entries), 20_000)
+    replay.run_replay(dockerd, image, "immich_machine_learning", lines, 1.0)
+    try:
+        replay.wait_replayed(dockerd, "immich_machine_learning", replay.physical(lines))
+        (tmp_path / "root" / "dev").mkdir(parents=True)
+        (tmp_path / "root" / "dev" / "nvidiactl").touch()  # a host with an NVIDIA GPU
+        r = run_cli(["check", "--json", f"--root={tmp_path / 'root'}", f"--docker.socket={dockerd.socket}",
+                     "--no-collector.systemd", "--no-collector.journal", "--no-collector.immich",
+                     "--no-collector.nvml"], timeout=90)
+        row = {c["id"]: c for c in json.loads(r.stdout)["checks"]}["docker_ml"]
+        assert row["status"] == "FAIL", row
+        assert "gpu_access=none" in row["finding"] and "CPU fallback" in row["finding"]
+        assert row["details"]["flavour"] == "cuda" and r.returncode == 1
     finally:
         dockerd.cli("rm", "-f", "immich_machine_learning")

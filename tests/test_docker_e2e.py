@@ -6,8 +6,6 @@ Alertmanager receives ImmichMLCPUFallback, raised from nothing but the container
 
 from __future__ import annotations
 
-import pathlib
-
 import pytest
 
 from tests.support import replay
@@ -25,13 +23,6 @@ ML_BYTES = 1_234_567_890
 DEADLINE = 60
 
 
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-        out += [int(x) for x in (task / "children").read_text().split()]
-    return out
-
-
 @pytest.fixture(scope="module")
 def fake_lib(tmp_path_factory: pytest.TempPathFactory):
     return build_fake_nvml(tmp_path_factory.mktemp("fakenvml"))
@@ -43,14 +34,14 @@ def test_docker_only_host_containers_verdict_gpu_cpu_and_the_fallback_alert(dock
     fixture = "cuda_create_failed.export"
     entries = [e for e in replay.load_journal(FIXTURES / fixture) if e.get("_SYSTEMD_UNIT") != "immich-server.service"]
     try:
-        replay.run_replay(dockerd, ml_image, ML, replay.replay_lines(entries), 5.0)
+        lines = replay.spaced(replay.replay_lines(entries), 20_000)
+        replay.run_replay(dockerd, ml_image, ML, lines, 1.0)
         dockerd.cli("run", "-d", "--name", SERVER, "--network", "none", "--label",
                     "com.docker.compose.service=immich-server", server_image, "sh", "-c",
                     "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; sleep 600")
-        master = dockerd.inspect(ML)["State"]["Pid"]
-        workers = wait_for(lambda: children(master), DEADLINE, what="the replay's gunicorn-like worker")
+        replay.wait_replayed(dockerd, ML, replay.physical(lines))
         scen = Scenario(tmp_path / "nvml.txt")
-        scen.compute(workers[0], ML_BYTES).write()
+        scen.compute(replay.live_worker(dockerd.inspect(ML)["State"]["Pid"]), ML_BYTES).write()
         ex = Exporter([f"--docker.socket={dockerd.socket}", f"--state.directory={tmp_path / 'state'}",
                        "--no-collector.systemd", "--no-collector.journal", "--no-collector.immich",
                        "--collection.interval=0.3", "--nvml.interval=0.3", "--docker.interval=30",

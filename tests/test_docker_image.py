@@ -48,8 +48,8 @@ def test_the_compose_snippet_runs_the_image_against_dockerd(dockerd, exporter_im
     scen.path.parent.mkdir()
     service = ei.compose_service()
     try:
-        lines = replay.replay_lines(entries)
-        replay.run_replay(dockerd, ml_image, ML, lines, 5.0)
+        lines = replay.spaced(replay.replay_lines(entries), 20_000)
+        replay.run_replay(dockerd, ml_image, ML, lines, 1.0)
         replay.wait_replayed(dockerd, ML, replay.physical(lines))
         worker = replay.live_worker(dockerd.inspect(ML)["State"]["Pid"])
         scen.compute(worker, ML_BYTES).write()

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pytest
 
 from immich_gpu_exporter import config as configmod
+from immich_gpu_exporter import docker_api as d
 from immich_gpu_exporter.core import CollectResult, Snapshot, SourceState
 from immich_gpu_exporter.metrics import check_sample
 from immich_gpu_exporter.mllog import MLState, Parser
@@ -23,7 +24,7 @@ from tests.support import replay
 from tests.support.journal import FIXTURES
 
 ML = "immich_machine_learning"
-SPEED = 20.0  # the typed fixtures span ~10 s; the real captures replay at their own speed elsewhere
+SPEED = 1.0  # the typed fixtures, re-timed to 20 ms per write (replay.spaced): about 0.6 s each
 
 
 def hub() -> Hub:
@@ -105,7 +106,8 @@ def log_line_count(dockerd, name: str) -> int:
 
 async def test_immich_containers_are_found_by_label_or_image_and_their_state_follows_events(
         dockerd, images, clean, tmp_path):
-    replay.run_replay(dockerd, images["ml"], ML, replay.replay_lines(ml_entries("cuda_ok.export")), SPEED)
+    lines = replay.spaced(replay.replay_lines(ml_entries("cuda_ok.export")), 20_000)
+    replay.run_replay(dockerd, images["ml"], ML, lines, SPEED)
     # the server found by image alone (no compose label), with a health check
     dockerd.cli("run", "-d", "--name", "immich_server", "--network", "none", "--health-cmd", "true",
                 "--health-interval", "1s", images["server"], "sleep", "600")
@@ -168,7 +170,7 @@ async def test_verdict_from_the_container_log_is_the_journals_verdict(dockerd, i
     src = await started(make(dockerd, tmp_path))
     try:
         r = await until(src, lambda r: values(r, "immich_ml_log_entries_total")
-                        and sum(values(r, "immich_ml_log_entries_total").values()) >= len(lines)
+                        and sum(values(r, "immich_ml_log_entries_total").values()) >= replay.physical(lines)
                         and sum(values(r, "immich_ml_model_loads_total").values()) >= loads)
         await asyncio.sleep(0.3)  # the last Rich record is flushed after a quiet moment
         r = await src.collect()
@@ -192,16 +194,16 @@ async def test_restart_of_the_exporter_neither_loses_nor_double_counts_lines(doc
     finally:
         await first.close()  # persists positions and state together
     seen_by_first = first.lines_read
-    assert seen_by_first < len(lines), "the first exporter must stop in the middle of the log"
-    while log_line_count(dockerd, ML) < len(lines):  # the rest arrives while no exporter runs
+    assert seen_by_first < replay.physical(lines), "the first exporter must stop in the middle of the log"
+    while log_line_count(dockerd, ML) < replay.physical(lines):  # the rest arrives while no exporter runs
         await asyncio.sleep(0.2)
     second = await started(make(dockerd, tmp_path))
     try:
-        r = await until(second, lambda r: sum(values(r, "immich_ml_log_entries_total").values()) >= len(lines))
+        r = await until(second, lambda r: sum(values(r, "immich_ml_log_entries_total").values()) >= replay.physical(lines))
         await asyncio.sleep(0.5)
         r = await second.collect()
-        assert sum(values(r, "immich_ml_log_entries_total").values()) == len(lines) == log_line_count(dockerd, ML)
-        assert second.lines_read == len(lines) - seen_by_first
+        assert sum(values(r, "immich_ml_log_entries_total").values()) == replay.physical(lines) == log_line_count(dockerd, ML)
+        assert second.lines_read == replay.physical(lines) - seen_by_first
         assert values(r, "immich_container_log_gaps_total") == {(ML,): 0}
         assert values(r, "immich_ml_cpu_fallback") == {(): 1.0}
     finally:
@@ -233,19 +235,19 @@ async def test_lines_rotated_away_while_the_exporter_was_down_are_a_counted_gap(
 
 
 async def test_a_recreated_container_is_followed_under_its_new_id(dockerd, images, clean, tmp_path):
-    old = replay.replay_lines(ml_entries("cuda_ok.export"))
+    old = replay.spaced(replay.replay_lines(ml_entries("cuda_ok.export")), 20_000)
     replay.run_replay(dockerd, images["ml"], ML, old, SPEED)
     src = await started(make(dockerd, tmp_path))
     try:
-        r = await until(src, lambda r: sum(values(r, "immich_ml_log_entries_total").values()) >= len(old))
+        r = await until(src, lambda r: sum(values(r, "immich_ml_log_entries_total").values()) >= replay.physical(old))
         assert values(r, "immich_ml_cpu_fallback") == {(): 0.0}
         # `docker compose up -d` after a change: the container is removed and created anew, same name
         dockerd.cli("rm", "-f", ML)
-        new = replay.replay_lines(ml_entries("cuda_create_failed.export"))
+        new = replay.spaced(replay.replay_lines(ml_entries("cuda_create_failed.export")), 20_000)
         replay.run_replay(dockerd, images["ml"], ML, new, SPEED)
-        r = await until(src, lambda r: sum(values(r, "immich_ml_log_entries_total").values()) >= len(old) + len(new)
+        r = await until(src, lambda r: sum(values(r, "immich_ml_log_entries_total").values()) >= replay.physical(old) + replay.physical(new)
                         and values(r, "immich_ml_cpu_fallback") == {(): 1.0})
-        assert sum(values(r, "immich_ml_log_entries_total").values()) == len(old) + len(new)
+        assert sum(values(r, "immich_ml_log_entries_total").values()) == replay.physical(old) + replay.physical(new)
         state = json.loads(src.serialise())
         assert list(state["positions"]) == [dockerd.inspect(ML)["Id"]]
     finally:
@@ -253,51 +255,68 @@ async def test_a_recreated_container_is_followed_under_its_new_id(dockerd, image
 
 
 # --- real captures of Immich's ML service, replayed in containers --------------------------------------
-# tests/fixtures/real-ml/<variant>/ (captured by running the real service; see its README): journal.json
-# or unit.export, and for some variants docker.jsonl with the streams Docker saw. Each is replayed with its
-# own timing (sped up 4x) and judged against the same capture read the journal way; where the variant
-# says what the truth is, against that too.
-EXPECTED = {  # variant -> (effective provider, cpu_fallback); from the capture recipe's variants
-    "cpu": ("CPUExecutionProvider", False),
-    "gpu": ("CPUExecutionProvider", True),
-    "gpu-nodriver": ("CPUExecutionProvider", True),
-    "gpu-docker": ("CPUExecutionProvider", True),
-    "openvino": ("OpenVINOExecutionProvider", False),
-}
-CAPTURES = replay.real_captures()
+# tests/fixtures/real-ml/<variant>/ (captured by running the real service; see its README): unit.export,
+# or docker.jsonl with the streams Docker saw. All are replayed at once, each with its own real timing
+# (about 80 s for the longest), each followed by its own docker source that matches only its container.
+# Judged against the capture's truth (manifest.json: the providers ONNX Runtime really gave each
+# session, recorded inside the service) and against the same capture read the journal way.
 
-
-def capture_journal(folder: pathlib.Path) -> list[dict]:
-    for name in ("journal.json", "unit.export"):
-        if (folder / name).exists():
-            return [e for e in replay.load_journal(folder / name)
-                    if e.get("_SYSTEMD_UNIT") in (None, "immich-machine-learning.service")]
+def capture_entries(folder: pathlib.Path) -> list[dict]:
+    if (folder / "unit.export").exists():
+        return [e for e in replay.load_journal(folder / "unit.export")
+                if e.get("_SYSTEMD_UNIT") == "immich-machine-learning.service"]
     return []
 
 
-if CAPTURES:  # generated once the captures are merged; until then there is nothing to replay
-    @pytest.mark.parametrize("folder", CAPTURES, ids=[p.name for p in CAPTURES])
-    async def test_real_capture_replayed_in_a_container_is_judged_like_its_journal(
-            dockerd, images, clean, tmp_path, folder):
-        entries = capture_journal(folder)
-        parser, ml = Parser(), MLState()
-        for e in entries:
-            for ev in parser.feed(e):
-                ml.apply(ev)
-        for ev in parser.flush():
+def capture_lines(folder: pathlib.Path) -> list[tuple[int, int, int, str]]:
+    if (folder / "docker.jsonl").exists():
+        return replay.replay_lines_docker(folder / "docker.jsonl")
+    return replay.replay_lines(capture_entries(folder))
+
+
+def journal_oracle(folder: pathlib.Path) -> MLState:
+    parser, ml = Parser(), MLState()
+    if (folder / "docker.jsonl").exists():  # the json-file view: the same lines as container entries
+        entries = [d.journal_entry(ML, "stderr" if fd == 2 else "stdout", 1_000_000_000_000_000 + at * 1000, text)
+                   for at, _, fd, text in replay.replay_lines_docker(folder / "docker.jsonl")]
+    else:
+        entries = capture_entries(folder)
+    for e in entries:
+        for ev in parser.feed(e):
             ml.apply(ev)
-        docker_log = folder / "docker.jsonl"
-        lines = replay.replay_lines_docker(docker_log) if docker_log.exists() else replay.replay_lines(entries)
-        replay.run_replay(dockerd, images["ml"], ML, lines, 4.0)
-        src = await started(make(dockerd, tmp_path))
-        try:
-            r = await until(src, lambda r: sum(values(r, "immich_ml_log_entries_total").values()) >= len(lines),
-                            timeout=max(60.0, lines[-1][0] / 4e6 + 30))
-            await asyncio.sleep(0.5)
+    for ev in parser.flush():
+        ml.apply(ev)
+    return ml
+
+
+async def test_real_captures_replayed_in_containers_are_judged_by_their_truth(dockerd, images, clean, tmp_path):
+    captures = replay.real_captures()
+    assert captures, "tests/fixtures/real-ml holds the real captures"
+    runs = []
+    for i, folder in enumerate(captures):
+        lines = capture_lines(folder)
+        service = f"ml-{folder.name}"
+        replay.run_replay(dockerd, images["ml"], f"ml{i}", lines, 1.0, service=service)
+        src = make(dockerd, tmp_path / folder.name, docker_ml_service=(service,), docker_ml_image=(),
+                   docker_server_service=(), docker_server_image=())
+        runs.append((folder, lines, await started(src)))
+    try:
+        for folder, lines, src in runs:
+            n = replay.physical(lines)
+            r = await until(src, lambda r: sum(values(r, "immich_ml_log_entries_total").values()) >= n,
+                            timeout=lines[-1][0] / 1e6 + 60)
+        await asyncio.sleep(0.5)
+        verdicts = {}
+        for folder, lines, src in runs:
             r = await src.collect()
-            assert r.facts["effective_provider"] == ml.effective
-            assert values(r, "immich_ml_cpu_fallback") == {(): float(ml.cpu_fallback)}
-            if folder.name in EXPECTED:
-                assert (ml.effective, ml.cpu_fallback) == EXPECTED[folder.name]
-        finally:
+            truth = json.loads((folder / "manifest.json").read_text())["truth"]
+            oracle = journal_oracle(folder)
+            got = (r.facts.get("effective_provider"), values(r, "immich_ml_cpu_fallback").get(()))
+            verdicts[folder.name] = got
+            assert got == (oracle.effective, float(oracle.cpu_fallback)), folder.name
+            if not truth["crash"]:
+                assert got == (truth["sessions"][-1]["providers"][0], float(truth["fallback"])), folder.name
+        assert len(verdicts) == len(captures)
+    finally:
+        for _, _, src in runs:
             await src.close()

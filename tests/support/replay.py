@@ -20,6 +20,7 @@ are workers in order of appearance (the C program forks them like gunicorn boots
 from __future__ import annotations
 
 import json
+import re
 import pathlib
 import struct
 import tempfile
@@ -75,6 +76,7 @@ def is_native_ort(text: str) -> bool:
     return "onnxruntime:" in plain[:64]
 
 
+_RICH_CONTINUATION = re.compile(r" {20,}\S")
 _MASTER_LINES = ("Starting gunicorn", "Listening at", "Using worker", "Handling signal", "was sent SIG",
                  "Shutting down: Master", "Control socket", "Worker exiting", "Initializing Immich ML")
 
@@ -106,7 +108,13 @@ def replay_lines(entries: Iterable[dict[str, Any]]) -> list[tuple[int, int, int,
         fd = 2 if native or (previous_native and strip_ansi(text).strip() == "") else 1
         previous_native = native
         for physical in text.split("\n"):
-            out.append((ts - t0, who, fd, physical))
+            if out and _RICH_CONTINUATION.match(strip_ansi(physical)) and out[-1][1:3] == (who, fd):
+                # Rich writes a wrapped record in one write(): its continuation lines go out together
+                # with the head (journald kept them as entries microseconds apart)
+                at, w, f, head = out[-1]
+                out[-1] = (at, w, f, head + "\n" + physical)
+            else:
+                out.append((ts - t0, who, fd, physical))
     return out
 
 
@@ -127,7 +135,7 @@ def replay_lines_docker(path: pathlib.Path) -> list[tuple[int, int, int, str]]:
 def write_replay(lines: Iterable[tuple[int, int, int, str]], path: pathlib.Path) -> pathlib.Path:
     with open(path, "w") as f:
         for at, who, fd, text in lines:
-            esc = text.replace("\\", "\\\\").replace("\x1b", "\\e").replace("\t", "    ")
+            esc = text.replace("\\", "\\\\").replace("\x1b", "\\e").replace("\t", "    ").replace("\n", "\\n")
             f.write(f"{at}\t{who}\t{fd}\t{esc}\n")
     return path
 
@@ -156,4 +164,39 @@ def real_captures() -> list[pathlib.Path]:
     """Variant folders of real captures (tests/fixtures/real-ml/<variant>/), when they are present."""
     if not REAL_ML.is_dir():
         return []
-    return sorted(p for p in REAL_ML.iterdir() if p.is_dir())
+    return sorted(p for p in REAL_ML.iterdir() if (p / "manifest.json").exists())
+
+
+def wait_replayed(d: "dsupport.Dockerd", name: str, count: int, timeout: float = 120.0) -> None:
+    """Until the container's log holds `count` lines (the replay is over)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = d.cli("logs", name)
+        if len(r.stdout.splitlines()) + len(r.stderr.splitlines()) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} logged fewer than {count} lines in {timeout:g}s")
+        time.sleep(0.2)
+
+
+def live_worker(master: int) -> int:
+    """The replay's current worker: the master's one remaining child once the replay is over
+    (earlier workers exited when gunicorn "replaced" them)."""
+    kids = [int(x) for t in pathlib.Path(f"/proc/{master}/task").iterdir()
+            for x in (t / "children").read_text().split()]
+    assert len(kids) == 1, f"expected one live worker under {master}, found {kids}"
+    return kids[0]
+
+
+def physical(lines: list[tuple[int, int, int, str]]) -> int:
+    """How many log lines Docker will store for these writes."""
+    return sum(text.count("\n") + 1 for _, _, _, text in lines)
+
+
+def spaced(lines: list[tuple[int, int, int, str]], step_us: int) -> list[tuple[int, int, int, str]]:
+    """The typed fixtures' 1 ms clock re-timed to `step_us` per write (their timing is synthetic
+    anyway): Docker reads stdout and stderr through two pipes, and writes 1 ms apart on different
+    pipes may be stored out of order, which real ML output, milliseconds to seconds apart, is not."""
+    return [(i * step_us, who, fd, text) for i, (_, who, fd, text) in enumerate(lines)]

@@ -6,9 +6,10 @@
  *
  * FILE holds one line per log line: "<offset microseconds>\t<process>\t<stream>\t<text>", process 0
  * being the master and n > 0 the n-th worker, stream 1 (stdout) or 2 (stderr), text with "\\" for a
- * backslash and "\\e" for ESC. SPEED (default 1) divides the offsets. Each process writes its own
- * lines with one write(2) each, at their offset from the master's start. A worker burns a little
- * CPU when it starts (the exporter's per-container CPU series must see it) and, when a later
+ * backslash, "\\e" for ESC and "\\n" for a newline inside one write (a Rich record's wrapped
+ * lines). SPEED (default 1) divides the offsets. Each process writes each of its lines with one
+ * write(2), at their offset from the master's start. A worker burns 0.3 s of CPU after its last
+ * line (the exporter's per-container CPU series must see it) and, when a later
  * worker exists, exits after its last line (gunicorn replaced it); the last worker and the master
  * stay until SIGTERM, which the master forwards to its workers like gunicorn's arbiter. */
 #define _GNU_SOURCE
@@ -35,6 +36,7 @@ static void unescape(char *s, size_t *len) {
     char *r = s, *w = s;
     while (*r) {
         if (r[0] == '\\' && r[1] == 'e') { *w++ = 27; r += 2; }
+        else if (r[0] == '\\' && r[1] == 'n') { *w++ = '\n'; r += 2; }
         else if (r[0] == '\\' && r[1] == '\\') { *w++ = '\\'; r += 2; }
         else *w++ = *r++;
     }
@@ -91,7 +93,10 @@ static void play(int who, const struct timespec *t0, double speed) {
         if (stop) break;
         ssize_t w = write(lines[i].fd, lines[i].text, lines[i].len);
         (void)w;
-        if (i == last && who > 0 && who < nworkers) _exit(0); /* replaced by a later worker */
+        if (i == last && who > 0) {
+            burn(300); /* after its lines, so the replay's timing stays the capture's */
+            if (who < nworkers) _exit(0); /* replaced by a later worker */
+        }
     }
 }
 
@@ -111,7 +116,6 @@ int main(int argc, char **argv) {
             pid_t p = fork();
             if (p == 0) {
                 signal(SIGTERM, SIG_DFL);
-                burn(300);
                 play(next, &t0, speed);
                 while (!stop) pause();
                 _exit(0);
