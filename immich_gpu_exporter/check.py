@@ -633,6 +633,9 @@ def check_docker_ml(ev: Evidence) -> Finding:
     if not st.up:
         return Finding("docker_ml", t, SKIP, f"cannot read the Docker API ({_down_text(st)})",
                        "add the exporter's user to the socket's group, or point --docker.socket at a socket proxy")
+    if not ev.facts("docker").get("present"):
+        return Finding("docker_ml", t, SKIP, "no Docker API socket at --docker.socket (no Docker here, or Podman's "
+                       "socket elsewhere); fine when Immich runs as units")
     infos = [_labels(s) for s in ev.samples("immich_container_info", "docker") if _labels(s).get("component") == "ml"]
     if not infos:
         return Finding("docker_ml", t, SKIP, "no Immich ML container on this host (fine when Immich runs as units)")

@@ -47,7 +47,7 @@ def bare_args(tmp: pathlib.Path) -> list[str]:
     (tmp / "root").mkdir(exist_ok=True)
     (tmp / "journal").mkdir(exist_ok=True)
     return [f"--root={tmp / 'root'}", f"--journal.directory={tmp / 'journal'}", f"--immich.url={closed_url()}",
-            f"--immich.ml-url={closed_url()}", "--immich.timeout=0.5"]
+            f"--immich.ml-url={closed_url()}", "--immich.timeout=0.5", f"--docker.socket={tmp / 'no-docker.sock'}"]
 
 
 BARE_ENV = {"DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent/bus"}
@@ -349,7 +349,7 @@ ExecStart=/bin/sh -c 'exec sleep 1000'
 def unit_args(ns: NestedSystemd, tmp: pathlib.Path, root: pathlib.Path) -> list[str]:
     return [f"--systemd.unit={ML_UNIT}", f"--systemd.unit={SERVER_UNIT}", f"--systemd.cgroup-root={ns.cgroup}",
             f"--journal.directory={ns.journal_dir}", f"--root={root}", f"--immich.url={closed_url()}",
-            f"--immich.ml-url={closed_url()}", "--immich.timeout=0.5"]
+            f"--immich.ml-url={closed_url()}", "--immich.timeout=0.5", f"--docker.socket={tmp / 'no-docker.sock'}"]
 
 
 def start_units(ns: NestedSystemd, ml_extra: str) -> tuple[int, int]:
@@ -385,7 +385,7 @@ def test_units_healthy_host(nested_systemd: NestedSystemd, tmp_path: pathlib.Pat
     st = statuses(by_id)
     assert st == {"role": "PASS", "driver": "PASS", "modules": "PASS", "devices": "PASS", "container_gpu": "SKIP",
                   "services": "PASS", "provider": "PASS", "gpu_memory": "PASS", "ml_features": "SKIP",
-                  "tuning": "PASS", "environment": st["environment"]}, json.dumps(by_id, indent=1)
+                  "tuning": "PASS", "environment": st["environment"], "docker_ml": "SKIP"}, json.dumps(by_id, indent=1)
     assert rc == 0
     assert "900 MiB" in by_id["gpu_memory"]["finding"]
     assert by_id["tuning"]["details"]["process_nice"] == -10
