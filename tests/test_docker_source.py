@@ -183,6 +183,27 @@ async def test_verdict_from_the_container_log_is_the_journals_verdict(dockerd, i
         await src.close()
 
 
+@pytest.mark.parametrize("how", [["--log-driver", "local"], ["--tty"]], ids=["local-driver", "tty"])
+async def test_verdict_from_a_local_driver_or_tty_container(dockerd, images, clean, tmp_path, how):
+    """Docker's `local` log driver (compressed protobuf files) and a TTY container (one raw stream,
+    CRLF line ends, no multiplexing) read the same as json-file."""
+    lines = replay.spaced(replay.replay_lines(ml_entries("cuda_create_failed.export")), 20_000)
+    replay.run_replay(dockerd, images["ml"], ML, lines, SPEED, extra=how)
+    effective, preferred, fallback, _ = journal_verdict("cuda_create_failed.export")
+    src = await started(make(dockerd, tmp_path))
+    try:
+        r = await until(src, lambda r: sum(values(r, "immich_ml_log_entries_total").values())
+                        >= replay.physical(lines))
+        await asyncio.sleep(0.3)
+        r = await src.collect()
+        assert (r.facts["effective_provider"], values(r, "immich_ml_cpu_fallback")) == \
+            (effective, {(): float(fallback)})
+        assert infos(r)[ML]["log_driver"] == ("local" if "local" in how else "json-file")
+        assert sum(values(r, "immich_ml_log_entries_total").values()) == replay.physical(lines)
+    finally:
+        await src.close()
+
+
 async def test_restart_of_the_exporter_neither_loses_nor_double_counts_lines(dockerd, images, clean, tmp_path):
     # retimed (synthetic timing): 50 ms apart, and a 2 s pause after the 10th line, while no exporter runs
     lines = [(i * 50_000 + (2_000_000 if i >= 10 else 0), who, fd, text)
