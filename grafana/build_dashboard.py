@@ -210,6 +210,39 @@ def build() -> dict[str, Any]:
               target(f"sum by (component) (immich_gpu_process_decoder_utilization_ratio{{{G}}})", "decoder {{component}}",
                      "B")], "percentunit", min=0), 8, 8)
 
+    L.row("video: GPU vs software")
+    L.add(stat("Transcode fallback", f"max(immich_transcode_fallback{{{I}}})", thresholds=red_green,
+               mappings=[{"type": "value", "options": {"0": {"text": "no"}, "1": {"text": "SOFTWARE"}}}],
+               description="1 when the server's log shows a fallback to software within the latest transcodes "
+                           "while hardware acceleration is asked for (docs/transcode.md)."), 4, 4)
+    L.add(stat("Configured acceleration", f"immich_transcode_configured_info{{{I}}}", "{{accel}} / {{decode}} decoding",
+               text_mode="name", description="ffmpeg.accel and accelDecode from /api/system-config (needs the "
+                                             "systemConfig.read permission; empty without it)."), 5, 4)
+    L.add(ts("Transcodes started by acceleration attempted",
+             [target(f"sum by (accel, decode) (increase(immich_transcode_jobs_total{{{I}}}[$__rate_interval]))",
+                     "{{accel}} {{decode}} decoding")], "short", min=0), 8, 8)
+    L.add(ts("Fallback steps",
+             [target(f'sum by (from, to) (increase(immich_transcode_fallbacks_total{{{I}}}[$__rate_interval]))',
+                     "{{from}} -> {{to}}")], "short", min=0,
+             description="Retry lines of the server: the decoder fell back (<accel>_hw_decode -> <accel>_sw_decode) "
+                         "or the encoder (-> software)."), 7, 8)
+    vspj = (f"sum by (accel, decode) (increase(immich_transcode_seconds_total{{{I}}}[$__range]))"
+            f" / sum by (accel, decode) (increase(immich_transcode_completed_total{{{I}}}[$__range]))")
+    p = panel("bargauge", "Seconds per video by acceleration that produced it",
+              [target(vspj, "{{accel}} {{decode}} decoding", instant=True)], "s",
+              "From each video's 'Transcoding video' line to its 'Successfully encoded' line, failed attempts "
+              "included, over the dashboard's time range.", min=0)
+    p["options"] = {"orientation": "horizontal", "displayMode": "gradient", "showUnfilled": True,
+                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
+    L.add(p, 12, 6)
+    L.add(ts("NVENC / NVDEC of the server (its ffmpeg children)",
+             # no server process on the GPU is an encoder use of 0, not a gap
+             [target(f'sum(immich_gpu_process_encoder_utilization_ratio{{{G}, component="server"}}) or vector(0)',
+                     "encoder", "A"),
+              target(f'sum(immich_gpu_process_decoder_utilization_ratio{{{G}, component="server"}}) or vector(0)',
+                     "decoder", "B")],
+             "percentunit", min=0), 12, 6)
+
     L.row("Queues")
     L.add(ts("Backlog by state",
              [target(f'sum by (queue, state) (immich_queue_jobs{{{I}, state=~"waiting|active|delayed"}})',

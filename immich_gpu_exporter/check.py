@@ -481,6 +481,33 @@ def check_ml_features(ev: Evidence) -> Finding:
                    details=details)
 
 
+def check_transcode(ev: Evidence) -> Finding:
+    """Configured video acceleration (API) against what the server's log shows (transcode.py)."""
+    from .transcode import check_report
+
+    t = "Video acceleration: configured vs used"
+    st = ev.state("journal")
+    configured = ev.facts("immich").get("transcode_configured")
+    observed = ev.facts("journal").get("transcode") if st is not None and st.up else None
+    ok, lines = check_report(configured, observed)
+    details = {"configured": dict(configured) if configured else None,
+               "last_started": list(observed["last_start"]) if observed and observed.get("last_start") else None,
+               "last_finished": list(observed["last_completed"]) if observed and observed.get("last_completed")
+               else None, "fallback": bool(observed and observed.get("fallback"))}
+    text = "; ".join(lines)
+    if observed is None or not observed.get("last_start"):
+        return Finding("transcode", t, SKIP, text, "the server's journal shows no transcode (none since its last "
+                       "start, or the journal is not readable); upload a video or run Jobs > Transcode videos",
+                       details)
+    if details["fallback"]:
+        return Finding("transcode", t, FAIL, text, "see docs/alerts.md#immichtranscodefallback: ffmpeg's reason is "
+                       "in the server log's 'Error occurred during transcoding' lines", details)
+    if not ok:
+        return Finding("transcode", t, WARN, text, "a transcode after the change will show the new acceleration",
+                       details)
+    return Finding("transcode", t, PASS, text, details=details)
+
+
 def check_tuning(ev: Evidence) -> Finding:
     t = "tuning in force (nice, memlock)"
     units = _ml_unit_names(ev)
@@ -662,7 +689,7 @@ def check_docker_ml(ev: Evidence) -> Finding:
 
 CHECKS: tuple[Callable[[Evidence], Finding], ...] = (
     check_role, check_driver, check_modules, check_devices, check_container_gpu, check_services, check_provider,
-    check_gpu_memory, check_ml_features, check_tuning, check_environment, check_docker_ml,
+    check_gpu_memory, check_ml_features, check_transcode, check_tuning, check_environment, check_docker_ml,
 )
 
 

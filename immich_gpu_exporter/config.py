@@ -253,9 +253,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("journal.unit", _str_list, ("immich-machine-learning.service",), "ML unit whose journal to follow",
            repeatable=True, metavar="UNIT"),
     Option("journal.server-unit", _str_list, ("immich-server.service",),
-           "server unit whose journal to follow for ML health lines", repeatable=True, metavar="UNIT"),
+           "server unit whose journal to follow for ML health and video transcoding lines", repeatable=True,
+           metavar="UNIT"),
     Option("journal.server-container-name", _str_list, ("immich_server",),
-           "CONTAINER_NAME of the server container (Docker journald log driver), for ML health lines",
+           "CONTAINER_NAME of the server container (Docker journald log driver), for ML health and transcoding lines",
            repeatable=True, metavar="NAME"),
     Option("journal.container-name", _str_list, ("immich_machine_learning",),
            "CONTAINER_NAME of the ML container (Docker journald log driver)", repeatable=True, metavar="NAME"),
@@ -265,6 +266,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("journal.fallback-grace", _positive_float, 120.0,
            "seconds a GPU provider may be preferred with models loaded but no GPU memory before it counts as "
            "a CPU fallback"),
+    Option("journal.transcode-window", _positive_int, 10,
+           "immich_transcode_fallback is 1 while a fallback to software was logged within this many latest "
+           "video transcodes started (docs/transcode.md)"),
     Option("journal.backfill-entries", _positive_int, 5000,
            "at first start without a cursor, read back at most this many entries of the unit's last start"),
     # immich

@@ -136,7 +136,26 @@ _DEFS: list[MetricDef] = [
        "journal"),
     _m("immich_ml_last_provider_change_timestamp_seconds", "gauge",
        "Unix time the effective execution provider last changed.", (), "journal"),
+    # --- journal / server: video transcoding (transcode.py, docs/transcode.md) ------------------
+    _m("immich_transcode_jobs_total", "counter",
+       "Video transcodes started, by the acceleration the server logged it attempts first (accel: nvenc, qsv, "
+       "vaapi, rkmpp, disabled = software, other; decode: hardware, software).", ("accel", "decode"), "journal"),
+    _m("immich_transcode_fallbacks_total", "counter",
+       "Fallback steps the server logged after a failed transcode (from/to: <accel>_hw_decode, <accel>_sw_decode, "
+       "software); retry lines name no video, so steps are counted, not videos.", ("from", "to"), "journal"),
+    _m("immich_transcode_fallback", "gauge",
+       "1 if a fallback to software was logged after the N-th most recent transcode start (journal.transcode-window) "
+       "and the latest start asked for hardware acceleration, else 0.", (), "journal"),
+    _m("immich_transcode_seconds_total", "counter",
+       "Wall seconds from a video's 'Transcoding video' line to its 'Successfully encoded' line, retries included, by "
+       "the acceleration that produced the file.", ("accel", "decode"), "journal"),
+    _m("immich_transcode_completed_total", "counter",
+       "Videos the server logged as successfully encoded whose start was seen, by the acceleration that produced the "
+       "file (divide immich_transcode_seconds_total by it for seconds per video).", ("accel", "decode"), "journal"),
     # --- Immich API ----------------------------------------------------------------------------
+    _m("immich_transcode_configured_info", "gauge",
+       "Video acceleration configured in Immich (GET /api/system-config: ffmpeg.accel, ffmpeg.accelDecode as "
+       "hardware/software); absent without systemConfig.read; always 1.", ("accel", "decode"), "immich"),
     _m("immich_server_up", "gauge", "1 if the Immich server answered /api/server/ping.", (), "immich"),
     _m("immich_ml_up", "gauge", "1 if the ML service answered /ping (any of its URLs, with failover URLs).", (),
        "immich"),

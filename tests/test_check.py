@@ -29,8 +29,8 @@ ML_UNIT = "immich-machine-learning.service"
 SERVER_UNIT = "immich-server.service"
 KEY = "check-key-6c1d2e"
 DEADLINE = 20.0
-CHECK_IDS = ["role", "driver", "modules", "devices", "container_gpu", "services", "provider", "gpu_memory", "ml_features",
-             "tuning", "environment", "docker_ml"]
+CHECK_IDS = ["role", "driver", "modules", "devices", "container_gpu", "services", "provider", "gpu_memory",
+             "ml_features", "transcode", "tuning", "environment", "docker_ml"]
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +385,8 @@ def test_units_healthy_host(nested_systemd: NestedSystemd, tmp_path: pathlib.Pat
     st = statuses(by_id)
     assert st == {"role": "PASS", "driver": "PASS", "modules": "PASS", "devices": "PASS", "container_gpu": "SKIP",
                   "services": "PASS", "provider": "PASS", "gpu_memory": "PASS", "ml_features": "SKIP",
-                  "tuning": "PASS", "environment": st["environment"], "docker_ml": "SKIP"}, json.dumps(by_id, indent=1)
+                  "transcode": "SKIP", "tuning": "PASS", "environment": st["environment"],
+                  "docker_ml": "SKIP"}, json.dumps(by_id, indent=1)
     assert rc == 0
     assert "900 MiB" in by_id["gpu_memory"]["finding"]
     assert by_id["tuning"]["details"]["process_nice"] == -10

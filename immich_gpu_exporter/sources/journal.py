@@ -33,7 +33,8 @@ import time
 from typing import Any, Callable
 
 from ..core import CollectResult, SourceDown
-from ..mllog import MLState, Parser, field_text, message_text, strip_ansi
+from ..mllog import MLState, Parser, event_time, field_text, message_text, strip_ansi
+from ..transcode import TranscodeState
 from .base import Source
 
 log = logging.getLogger("immich_gpu_exporter.journal")
@@ -154,6 +155,7 @@ class JournalSource(Source):
         self.directory = config["journal.directory"]
         self.parser = Parser(self.server_units, self.server_containers)
         self.ml = MLState(float(config["journal.fallback-grace"]))
+        self.transcode = TranscodeState(int(config["journal.transcode-window"]))
         self.cursor: str | None = None
         self.entries_read = 0
         self._state_dir = state_directory(config["state.directory"])
@@ -204,6 +206,7 @@ class JournalSource(Source):
                 raise ValueError(f"unknown version {data.get('version')!r}")
             self.parser.load(data.get("parser") or {})
             self.ml.load(data.get("ml") or {})
+            self.transcode.load(data.get("transcode") or {})
             self.cursor = data.get("cursor") or None
             if self.cursor is not None:  # a state saved before any entry was read has none to resume after
                 log.info("journal: resuming after the persisted cursor (%s)", path)
@@ -212,6 +215,7 @@ class JournalSource(Source):
         except (OSError, ValueError, TypeError, KeyError) as e:
             log.warning("journal: ignoring unreadable state file %s: %s", path, e)
             self.parser, self.ml = Parser(self.server_units, self.server_containers), MLState(self.ml.grace)
+            self.transcode = TranscodeState(self.transcode.window)
 
     def _open_state_dir(self) -> None:
         try:
@@ -228,7 +232,8 @@ class JournalSource(Source):
 
     def _serialise(self) -> str:
         return json.dumps({"version": STATE_VERSION, "cursor": self.cursor, "parser": self.parser.dump(),
-                           "ml": self.ml.dump(), "saved_at": time.time()}, separators=(",", ":"))
+                           "ml": self.ml.dump(), "transcode": self.transcode.dump(), "saved_at": time.time()},
+                          separators=(",", ":"))
 
     async def _persist(self, force: bool = False) -> None:
         if self._state_path is None or not self._dirty or self._persisting:
@@ -263,10 +268,11 @@ class JournalSource(Source):
             for line in lines:
                 self.apply_line(line)
             return
-        feed, apply = self.parser.feed, self.ml.apply
+        feed, apply, server = self.parser.feed, self.ml.apply, self._server_line
         for entry in batch:
             for ev in feed(entry):
                 apply(ev)
+            server(entry)
         if batch:
             c = batch[-1].get("__CURSOR")
             if c:
@@ -282,10 +288,17 @@ class JournalSource(Source):
         apply = self.ml.apply
         for ev in self.parser.feed(entry):
             apply(ev)
+        self._server_line(entry)
         c = entry.get("__CURSOR")
         if c:
             self.cursor = c
         self.entries_read += 1
+
+    def _server_line(self, entry: dict[str, Any]) -> None:
+        """The server's video transcoding lines (transcode.py); the ML parser ignores them."""
+        if not self._is_ml(entry):
+            ts = event_time(entry.get("__REALTIME_TIMESTAMP")) or 0.0
+            self.transcode.feed_line(message_text(entry.get("MESSAGE")), ts)
 
     def flush(self) -> bool:
         self._flush_handle = None
@@ -421,8 +434,10 @@ class JournalSource(Source):
                         self._on_chunk()
                     if rc != 0 or stderr_down(err):
                         raise _Failed(rc, err)
-                args = self.base_args() + ["--follow"]
-                args += [f"--after-cursor={self.cursor}"] if self.cursor else ["--lines=all"]
+                # --lines=all always: --follow alone implies --lines=10, and journalctl applies that
+                # after --after-cursor too, so a resume with more than ten new entries lost the rest
+                args = self.base_args() + ["--follow", "--lines=all"]
+                args += [f"--after-cursor={self.cursor}"] if self.cursor else []
                 rc, err = await self.pump(args + self.matches(), self._on_chunk)
                 raise _Failed(rc, err)
             except asyncio.CancelledError:
@@ -466,8 +481,9 @@ class JournalSource(Source):
         if not self.ml.entries and self.hub.facts("docker").get("ml_logs"):
             # The ML service is a container logging to a file that the docker source reads: this
             # journal has nothing of it, and its empty verdict must not stand beside that one.
-            return CollectResult()
-        return CollectResult(tuple(self.ml.samples()), self.ml.facts())
+            return CollectResult(tuple(self.transcode.samples()), dict(self.transcode.facts()))
+        return CollectResult(tuple(self.ml.samples()) + tuple(self.transcode.samples()),
+                             {**self.ml.facts(), **self.transcode.facts()})
 
     async def _read_window(self) -> None:
         self._load_state()
