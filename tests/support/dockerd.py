@@ -48,11 +48,6 @@ def unavailable() -> str | None:
     return None
 
 
-def _static(path: str) -> bool:
-    out = subprocess.run(["file", "-L", path], capture_output=True, text=True).stdout if shutil.which("file") else ""
-    return "statically linked" in out or "static-pie" in out
-
-
 class DockerdFailed(RuntimeError):
     pass
 
