@@ -268,10 +268,14 @@ def build() -> dict[str, Any]:
                thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 2}]), 6, 4)
 
     L.row("Units and tuning")
-    p = panel("state-timeline", "Unit state", [target(f"immich_unit_state{{{I}}} == 1", "{{unit}}: {{state}}")])
+    # containers (Docker Compose hosts) beside units: the same timeline and restarts panels
+    p = panel("state-timeline", "Unit state", [target(f"immich_unit_state{{{I}}} == 1", "{{unit}}: {{state}}"),
+                                               target(f"immich_container_state{{{I}}} == 1", "{{container}}: {{state}}", "B")])
     p["options"] = {"showValue": "never", "mergeValues": True}
     L.add(p, 12, 8)
-    L.add(ts("Unit restarts", [target(f"increase(immich_unit_restarts_total{{{I}}}[$__rate_interval])", "{{unit}}")],
+    L.add(ts("Unit restarts", [target(f"increase(immich_unit_restarts_total{{{I}}}[$__rate_interval])", "{{unit}}"),
+                               target(f"increase(immich_container_restarts_total{{{I}}}[$__rate_interval])",
+                                      "{{container}}", "B")],
              "short", min=0), 12, 8)
     p = panel("table", "Nice: configured (unit) vs applied (processes)", [
         target(f"immich_unit_nice{{{I}}}", ref="A", instant=True, fmt="table"),

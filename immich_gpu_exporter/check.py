@@ -648,9 +648,48 @@ def _cache_problem(ev: Evidence, cache: str, uid: int | None) -> str:
     return ""
 
 
+def check_docker_ml(ev: Evidence) -> Finding:
+    """The ML container on a Docker host: image flavour against the accelerators here, the GPU
+    access it was given, and the provider its own log shows (docker source; docs/docker.md)."""
+    from . import docker_check as dc
+
+    t = "ML container (Docker)"
+    st = ev.state("docker")
+    if st is None:
+        return Finding("docker_ml", t, SKIP, "the docker collector is disabled")
+    if not st.up:
+        return Finding("docker_ml", t, SKIP, f"cannot read the Docker API ({_down_text(st)})",
+                       "add the exporter's user to the socket's group, or point --docker.socket at a socket proxy")
+    if not ev.facts("docker").get("present"):
+        return Finding("docker_ml", t, SKIP, "no Docker API socket at --docker.socket (no Docker here, or Podman's "
+                       "socket elsewhere); fine when Immich runs as units")
+    infos = [_labels(s) for s in ev.samples("immich_container_info", "docker") if _labels(s).get("component") == "ml"]
+    if not infos:
+        return Finding("docker_ml", t, SKIP, "no Immich ML container on this host (fine when Immich runs as units)")
+    lab = infos[0]
+    nodes = _dev_nodes(ev.host)
+    acc = dc.Accelerators(nvidia=nodes["ctl"] or nodes["gpus"], dri=nodes["dri"], kfd=ev.host.exists("/dev/kfd"))
+    view = dc.ContainerLike(lab["container"], lab.get("image", ""), lab.get("gpu_access", "none"))
+    findings = [dc.flavour_fits(view, acc), dc.access_fits(view)]
+    facts = ev.facts("docker")
+    if facts.get("ml_logs"):
+        findings.append(dc.verdict_of(lab["container"], facts.get("preferred_provider"),
+                                      facts.get("effective_provider"),
+                                      _value_of(ev.samples("immich_ml_cpu_fallback", "docker")) == 1))
+    details = {"container": lab["container"], "image": lab.get("image"), "flavour": lab.get("flavour"),
+               "gpu_access": lab.get("gpu_access"), "log_driver": lab.get("log_driver"),
+               "findings": [f.detail for f in findings]}
+    bad = [f for f in findings if f.ok is False]
+    if bad:
+        return Finding("docker_ml", t, FAIL, "; ".join(f.detail for f in bad),
+                       "Immich's docker-compose.yml: the -cuda/-openvino/-rocm image tag and `extends` from "
+                       "hwaccel.ml.yml for the same flavour; see docs/docker.md", details)
+    return Finding("docker_ml", t, PASS, "; ".join(f.detail for f in findings if f.ok), details=details)
+
+
 CHECKS: tuple[Callable[[Evidence], Finding], ...] = (
     check_role, check_driver, check_modules, check_devices, check_container_gpu, check_services, check_provider,
-    check_gpu_memory, check_ml_features, check_transcode, check_tuning, check_environment,
+    check_gpu_memory, check_ml_features, check_transcode, check_tuning, check_environment, check_docker_ml,
 )
 
 
@@ -702,7 +741,7 @@ def render_json(findings: Sequence[Finding]) -> str:
 
 # Sources run in this order so that each sees the facts it needs (unit PIDs before NVML/processes,
 # NVML memory before the journal's cross-check, the provider before the Immich timings).
-ORDER = ("systemd", "processes", "nvml", "journal", "immich", "remote")
+ORDER = ("systemd", "docker", "processes", "nvml", "journal", "immich", "remote")
 
 
 def _read_proc(proc_root: str, pid: int) -> MLProcess | None:

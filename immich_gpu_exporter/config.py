@@ -213,6 +213,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("collector.journal", _bool, True, "parse the ML service's journal for provider and fallback",
            boolean=True),
     Option("collector.immich", _bool, True, "poll the Immich API for job queues", boolean=True),
+    Option("collector.docker", _bool, True,
+           "Immich's containers (state, health, restarts, GPU access) and the ML container's log over the "
+           "Docker Engine API; no socket means no Docker here, not an error", boolean=True),
     Option("collector.remote", _bool, True, "read the provider in force from the ML host's exporter (runs only "
            "when --remote-ml.exporter-url is set)", boolean=True),
     Option("deployment.role", _role, "all", "what this host runs: all (server and ML here, the default), ml (the GPU host of "
@@ -228,7 +231,22 @@ OPTIONS: tuple[Option, ...] = (
            "unit or container name patterns (globs) of the ML component", repeatable=True, metavar="PATTERN"),
     Option("component.server", _str_list, ("immich-server.service", "immich_server"),
            "unit or container name patterns (globs) of the server component", repeatable=True, metavar="PATTERN"),
-    Option("docker.socket", _path, "/var/run/docker.sock", "Docker Engine API socket for container names"),
+    Option("docker.socket", _path, "/var/run/docker.sock",
+           "Docker Engine API socket (Podman: its Docker-compatible socket) for containers and their logs"),
+    Option("docker.interval", _positive_float, 15.0,
+           "seconds between safety-net polls of the containers (events trigger a refresh at once)"),
+    Option("docker.ml-service", _str_list, ("immich-machine-learning",),
+           "compose service name (label com.docker.compose.service) of the ML container", repeatable=True,
+           metavar="SERVICE"),
+    Option("docker.server-service", _str_list, ("immich-server",),
+           "compose service name of the server container", repeatable=True, metavar="SERVICE"),
+    Option("docker.ml-image", _str_list, ("ghcr.io/immich-app/immich-machine-learning",),
+           "image repository (no tag) that marks an ML container", repeatable=True, metavar="IMAGE"),
+    Option("docker.server-image", _str_list, ("ghcr.io/immich-app/immich-server",),
+           "image repository (no tag) that marks a server container", repeatable=True, metavar="IMAGE"),
+    Option("docker.follow-logs", _bool, True,
+           "read the ML container's log over the API for the provider verdict (containers logging to "
+           "journald are read by the journal source instead)", boolean=True),
     Option("proc.root", _path, "/proc", "procfs mount to read processes from"),
     # systemd
     Option("systemd.unit", _str_list, SYSTEMD_DEFAULT_UNITS, "unit to watch (repeatable)", repeatable=True,

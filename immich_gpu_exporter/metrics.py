@@ -84,6 +84,30 @@ _DEFS: list[MetricDef] = [
        "The unit's DevicePolicy= and whether /dev/nvidia* device nodes are reachable (allowed, denied, "
        "private_devices); always 1.", ("unit", "device_policy", "nvidia_devices"), "systemd"),
     _m("immich_unit_processes", "gauge", "Processes in the unit's control group.", ("unit",), "systemd"),
+    # --- Docker containers ---------------------------------------------------------------------
+    _m("immich_container_state", "gauge",
+       "1 for the Immich container's current state (created, running, paused, restarting, removing, exited, "
+       "dead), 0 for the others; the container counterpart of immich_unit_state.", ("container", "state"), "docker"),
+    _m("immich_container_health", "gauge",
+       "1 for the container's health-check status (starting, healthy, unhealthy), 0 for the others; only for "
+       "containers with a health check.", ("container", "health"), "docker"),
+    _m("immich_container_restarts_total", "counter",
+       "Restarts of the container by its restart policy (Docker's RestartCount; a recreated container starts "
+       "at 0).", ("container",), "docker"),
+    _m("immich_container_exit_code", "gauge",
+       "Exit code of the container's last run (0 while running or after a clean stop; 137 after SIGKILL).",
+       ("container",), "docker"),
+    _m("immich_container_start_timestamp_seconds", "gauge", "Unix time the container last started.",
+       ("container",), "docker"),
+    _m("immich_container_info", "gauge",
+       "An Immich container: its component, compose service, image, the image's hardware flavour (cuda, "
+       "openvino, rocm, armnn, rknn, none), how it was given accelerators (gpu_access: device_request, "
+       "nvidia_runtime, cdi, nvidia_devices, dri, kfd joined by '+', or none) and its log driver; always 1. "
+       "Environment values are never read into metrics.",
+       ("container", "component", "service", "image", "flavour", "gpu_access", "log_driver"), "docker"),
+    _m("immich_container_log_gaps_total", "counter",
+       "Times lines of the ML container's log were rotated away before the exporter read them (while it was "
+       "down): the one loss the logs API allows.", ("container",), "docker"),
     # --- journal / ML service ------------------------------------------------------------------
     _m("immich_ml_execution_provider", "gauge",
        "1 for the ONNX Runtime execution provider the ML service effectively runs on, 0 for others seen.",

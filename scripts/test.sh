@@ -13,6 +13,8 @@ APT_PACKAGES=(
   util-linux mount                                                  # unshare, nsenter, mount for the nested systemd
   prometheus prometheus-alertmanager                                # promtool, a real Prometheus and Alertmanager
   nix-bin                                                           # nix-instantiate for the NixOS modules
+  docker.io busybox-static                                          # a private dockerd; FROM scratch test images
+  debootstrap                                                       # the exporter image's base (no registry pulls)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done

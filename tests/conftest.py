@@ -48,3 +48,28 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: igno
         terminalreporter.write_line(f"{len(_skipped)} test(s) skipped where skips are forbidden:", red=True)
         for s in _skipped:
             terminalreporter.write_line("  " + s)
+
+
+@pytest.fixture(scope="session")
+def dockerd():  # type: ignore[no-untyped-def]
+    """One private dockerd for the whole run (tests/support/dockerd.py); skipped with a one-line
+    reason only where it cannot run and CI is not true."""
+    from tests.support.dockerd import Dockerd, DockerdFailed, unavailable
+
+    reason = unavailable()
+    d = None
+    if reason is None:
+        d = Dockerd()
+        try:
+            d.start()
+        except DockerdFailed as e:
+            reason = f"dockerd cannot start here: {e}"
+            d.stop()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield d
+    finally:
+        d.stop()

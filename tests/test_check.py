@@ -30,7 +30,7 @@ SERVER_UNIT = "immich-server.service"
 KEY = "check-key-6c1d2e"
 DEADLINE = 20.0
 CHECK_IDS = ["role", "driver", "modules", "devices", "container_gpu", "services", "provider", "gpu_memory",
-             "ml_features", "transcode", "tuning", "environment"]
+             "ml_features", "transcode", "tuning", "environment", "docker_ml"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def bare_args(tmp: pathlib.Path) -> list[str]:
     (tmp / "journal").mkdir(exist_ok=True)
     (tmp / "cgroup").mkdir(exist_ok=True)  # an empty cgroup tree: the processes source finds no Immich
     return [f"--root={tmp / 'root'}", f"--journal.directory={tmp / 'journal'}", f"--immich.url={closed_url()}",
-            f"--systemd.cgroup-root={tmp / 'cgroup'}",
+            f"--systemd.cgroup-root={tmp / 'cgroup'}", f"--docker.socket={tmp / 'no-docker.sock'}",
             f"--immich.ml-url={closed_url()}", "--immich.timeout=0.5"]
 
 
@@ -357,7 +357,7 @@ ExecStart=/bin/sh -c 'exec sleep 1000'
 def unit_args(ns: NestedSystemd, tmp: pathlib.Path, root: pathlib.Path) -> list[str]:
     return [f"--systemd.unit={ML_UNIT}", f"--systemd.unit={SERVER_UNIT}", f"--systemd.cgroup-root={ns.cgroup}",
             f"--journal.directory={ns.journal_dir}", f"--root={root}", f"--immich.url={closed_url()}",
-            f"--immich.ml-url={closed_url()}", "--immich.timeout=0.5"]
+            f"--immich.ml-url={closed_url()}", "--immich.timeout=0.5", f"--docker.socket={tmp / 'no-docker.sock'}"]
 
 
 def start_units(ns: NestedSystemd, ml_extra: str) -> tuple[int, int]:
@@ -393,7 +393,8 @@ def test_units_healthy_host(nested_systemd: NestedSystemd, tmp_path: pathlib.Pat
     st = statuses(by_id)
     assert st == {"role": "PASS", "driver": "PASS", "modules": "PASS", "devices": "PASS", "container_gpu": "SKIP",
                   "services": "PASS", "provider": "PASS", "gpu_memory": "PASS", "ml_features": "SKIP",
-                  "transcode": "SKIP", "tuning": "PASS", "environment": st["environment"]}, json.dumps(by_id, indent=1)
+                  "transcode": "SKIP", "tuning": "PASS", "environment": st["environment"],
+                  "docker_ml": "SKIP"}, json.dumps(by_id, indent=1)
     assert rc == 0
     assert "900 MiB" in by_id["gpu_memory"]["finding"]
     assert by_id["tuning"]["details"]["process_nice"] == -10

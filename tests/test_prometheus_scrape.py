@@ -17,7 +17,7 @@ def test_real_prometheus_scrapes_the_daemon(tmp_path):
         build = prom.query("immich_gpu_exporter_build_info")
         assert len(build) == 1 and build[0]["metric"]["version"]
         up = {r["metric"]["source"]: r["value"] for r in prom.query("immich_gpu_exporter_source_up")}
-        assert set(up) == {"processes", "nvml", "systemd", "journal", "immich"}
+        assert set(up) == {"processes", "nvml", "systemd", "journal", "immich", "docker"}
         reasons = {(r["metric"]["source"], r["metric"]["reason"])
                    for r in prom.query("immich_gpu_exporter_source_errors_total")}
         assert ("nvml", "library_not_found") in reasons and ("systemd", "no_bus") in reasons

@@ -16,6 +16,7 @@ SOURCES = {
     "systemd": ("immich_gpu_exporter.sources.systemd", "SystemdSource"),
     "journal": ("immich_gpu_exporter.sources.journal", "JournalSource"),
     "immich": ("immich_gpu_exporter.sources.immich", "ImmichSource"),
+    "docker": ("immich_gpu_exporter.sources.docker", "DockerSource"),
     "remote": ("immich_gpu_exporter.sources.remote", "RemoteSource"),
 }
 

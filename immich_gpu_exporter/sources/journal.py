@@ -515,6 +515,10 @@ class JournalSource(Source):
             self.ml.observe_gpu(now, float(mem))
         else:
             self.ml.observe_gpu(now, None)
+        if not self.ml.entries and self.hub.facts("docker").get("ml_logs"):
+            # The ML service is a container logging to a file that the docker source reads: this
+            # journal has nothing of it, and its empty verdict must not stand beside that one.
+            return CollectResult(tuple(self.transcode.samples()), dict(self.transcode.facts()))
         return CollectResult(tuple(self.ml.samples()) + tuple(self.transcode.samples()),
                              {**self.ml.facts(), **self.transcode.facts()})
 
