@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except configmod.ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    register_secrets(cfg)
     logs.setup(cfg["log.level"])
     if command == "check":
         from .check import run_check
@@ -106,11 +107,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             v = cfg[o.key]
             if o.secret and v:
                 v = "<set>"
+            elif isinstance(v, str):
+                v = logs.redact(v)
             print(f"{o.key} = {v!r}  # {cfg.origin(o.key)}")
         return 0
     if getattr(ns, "once", False):
         return run_once(cfg)
     return serve(cfg)
+
+
+def register_secrets(cfg: configmod.Config) -> None:
+    """Every secret the configuration holds, so that logs and pages redact them (logs.redact)."""
+    for o in configmod.OPTIONS:
+        v = cfg[o.key]
+        if o.secret and isinstance(v, str):
+            logs.add_secret(v)
+        elif isinstance(v, str) and "://" in v:
+            for part in configmod.url_credentials(v):
+                logs.add_secret(part)
 
 
 def make_daemon(cfg: configmod.Config):  # type: ignore[no-untyped-def]

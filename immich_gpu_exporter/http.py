@@ -10,7 +10,7 @@ import time
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, logs
 from .metrics import CONTENT_TYPE_OPENMETRICS, CONTENT_TYPE_TEXT
 
 DAEMON_KEY: web.AppKey = web.AppKey("daemon", object)
@@ -65,7 +65,7 @@ def landing_html(snapshot) -> str:  # type: ignore[no-untyped-def]
     for name, st in sorted(snapshot.sources.items()):
         age = f"{now - st.last_success:.1f}s ago" if st.last_success else "never"
         status = "up" if st.up else ("down" if st.cycles else "starting")
-        err = f"{st.last_reason}: {st.last_error}" if st.last_error else ""
+        err = logs.redact(f"{st.last_reason}: {st.last_error}") if st.last_error else ""
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td class={status}>{status}</td>"
             f"<td>{html.escape(age)}</td><td>{len(st.samples)}</td><td>{html.escape(err)}</td></tr>"

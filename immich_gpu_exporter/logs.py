@@ -3,6 +3,10 @@
 Under systemd (JOURNAL_STREAM is set) lines carry no timestamp of their own and start with
 the sd-daemon priority prefix (<3> error, <4> warning, <6> info, <7> debug), which journald
 turns into the entry's PRIORITY.
+
+Also owns redaction: secrets registered with `add_secret()` (the API key, passwords in URLs) are
+replaced by `<secret>` in every log line and in every text `redact()` is applied to (error details
+on the landing page), wherever a library may have copied them into a message.
 """
 
 from __future__ import annotations
@@ -10,6 +14,35 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+_secrets: set[str] = set()
+
+
+def add_secret(value: str | None) -> None:
+    if value and len(value) >= 3:  # a one-letter "password" would redact every such letter
+        _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    from .config import redact_url
+
+    text = redact_url(text)
+    for s in sorted(_secrets, key=len, reverse=True):
+        if s in text:
+            text = text.replace(s, "<secret>")
+    return text
+
+
+class _Redacting(logging.Formatter):
+    """Formats with `inner`, then redacts the whole line, traceback included."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -24,9 +57,10 @@ def setup(level: str = "info", stream=None) -> None:  # type: ignore[no-untyped-
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournalFormatter("%(message)s"))
+        handler.setFormatter(_Redacting(_JournalFormatter("%(message)s")))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+        handler.setFormatter(_Redacting(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                                          "%Y-%m-%dT%H:%M:%S")))
     root = logging.getLogger("immich_gpu_exporter")
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))

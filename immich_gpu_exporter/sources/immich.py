@@ -28,6 +28,9 @@ from typing import Any
 import aiohttp
 
 from .. import immich_api as api
+from .. import logs
+from ..config import redact_url
+from ..files import problem_text, read_small
 from ..core import CollectResult, Sample, SourceDown, sample
 from ..timings import METHOD_BACKLOG, METHOD_TELEMETRY, Observation, QueueTimings
 from .base import Source
@@ -93,16 +96,17 @@ class ImmichSource(Source):
         path = self.config["immich.api-key-file"]
         if path:
             try:
-                with open(path, "rb") as f:
-                    mode = os.fstat(f.fileno()).st_mode
-                    raw = f.read(4096)
+                # a FIFO or /dev/zero named here must not hang or fill the daemon: non-blocking, capped
+                mode = os.stat(path).st_mode
+                raw = read_small(path, 4096)
             except OSError as e:
-                raise SourceDown("api_key_file", f"cannot read the API key file {path}: {e.strerror}") from None
+                raise SourceDown("api_key_file", f"cannot read the API key file {path}: {problem_text(e)}") from None
             if mode & (stat.S_IRGRP | stat.S_IROTH) and not self._key_mode_warned:
                 self._key_mode_warned = True
                 log.warning("the API key file %s is readable by group or others (mode %o); chmod 600 it "
                             "or use systemd LoadCredential=", path, stat.S_IMODE(mode))
             key = raw.decode("utf-8", "replace").strip()
+            logs.add_secret(key)
             if not key:
                 raise SourceDown("api_key_file", f"the API key file {path} is empty")
         else:
@@ -127,7 +131,7 @@ class ImmichSource(Source):
 
     async def _get(self, url: str, key: str | None = None, *, prefix: str = "", want_json: bool = True) -> Any:
         headers = {"x-api-key": key} if key else None
-        what = url.split("://", 1)[-1]
+        what = redact_url(url).split("://", 1)[-1]
         try:
             async with self._http().get(url, headers=headers, allow_redirects=False) as r:
                 if r.status != 200:
