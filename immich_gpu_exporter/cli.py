@@ -156,27 +156,43 @@ def split_listen(addr: str) -> tuple[str, int]:
 async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.Event | None = None) -> None:
     from aiohttp import web
 
-    from .http import make_app
+    from .http import KEEPALIVE_TIMEOUT, Listener, make_app
 
     daemon = daemon or make_daemon(cfg)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(logs.loop_exception_handler)
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    listener_box: list[Listener] = []
+
+    @web.middleware
+    async def track(request: web.Request, handler: Any) -> Any:
+        return await listener_box[0].middleware(request, handler)
+
+    app = make_app(daemon, middlewares=(track,))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT)
     await runner.setup()
+    assert runner.server is not None
+    listener = Listener(runner.server)
+    listener_box.append(listener)
     host, port = split_listen(cfg["web.listen-address"])
-    site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
-        await site.start()
-    except OSError as e:
+        bound = await listener.start(host, port)
+    except (OSError, UnicodeError, ValueError) as e:
         await runner.cleanup()
-        raise SystemExit(f"{PROG}: error: cannot listen on {cfg['web.listen-address']}: {e.strerror or e}")
-    bound = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
-    log.info("%s %s listening on %s", PROG, __version__, ", ".join(f"{a[0]}:{a[1]}" for a in bound))
+        raise SystemExit(f"{PROG}: error: cannot listen on {cfg['web.listen-address']}: "
+                         f"{getattr(e, 'strerror', None) or e}")
+    log.info("%s %s listening on %s (at most %d connections)", PROG, __version__,
+             ", ".join(f"{a[0]}:{a[1]}" for a in bound), listener.cap)
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP received: nothing to re-read"))
+    except (NotImplementedError, RuntimeError):
+        pass
     await daemon.start()
     try:
         await stop.wait()
@@ -186,6 +202,7 @@ async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.E
             await asyncio.wait_for(daemon.stop(), 1.5)
         except asyncio.TimeoutError:
             log.warning("sources did not stop within 1.5s")
+        await listener.close()
         await runner.cleanup()
 
 

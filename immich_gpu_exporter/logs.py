@@ -66,3 +66,60 @@ def setup(level: str = "info", stream=None) -> None:  # type: ignore[no-untyped-
     root.setLevel(getattr(logging, level.upper()))
     root.propagate = False
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp logs a malformed request with a 10-line traceback, once per request: one line instead,
+    # and at most one a second (an attacker may send thousands)
+    server = logging.getLogger("aiohttp.server")
+    server.handlers[:] = [handler]
+    server.propagate = False
+    server.filters[:] = [_OneLinePerSecond()]
+    for name in ("asyncio", "aiohttp.web"):
+        other = logging.getLogger(name)
+        other.handlers[:] = [handler]
+        other.propagate = False
+        other.filters[:] = [_OneLinePerSecond()]
+
+
+class _OneLinePerSecond(logging.Filter):
+    """A library's error as one line without traceback; at most one a second, the rest counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = 0.0
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import time
+
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self._suppressed += 1
+            return False
+        self._last = now
+        msg = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            msg += f": {type(exc).__name__}: {_one_line(str(exc))}"
+        if self._suppressed:
+            msg += f" ({self._suppressed} similar lines suppressed)"
+            self._suppressed = 0
+        record.msg, record.args, record.exc_info, record.exc_text = "http: " + msg, None, None, None
+        return True
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_loop_errors_logged: set[str] = set()
+
+
+def loop_exception_handler(loop, context) -> None:  # type: ignore[no-untyped-def]
+    """asyncio's unhandled errors (accept() failures, dropped transports): one line per kind, once."""
+    exc = context.get("exception")
+    kind = f"{context.get('message', '')}|{type(exc).__name__ if exc else ''}"
+    if kind in _loop_errors_logged:
+        return
+    _loop_errors_logged.add(kind)
+    detail = f": {type(exc).__name__}: {_one_line(str(exc))}" if exc else ""
+    logging.getLogger("immich_gpu_exporter").warning("%s%s (logged once)", context.get("message", "error"), detail)
