@@ -103,6 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
         return run_demo(cfg)
     if getattr(ns, "dry_run", False):
+        if cfg["web.config.file"]:
+            from .webconfig import load as load_web_config
+
+            try:
+                load_web_config(cfg["web.config.file"])
+            except configmod.ConfigError as e:
+                print(f"{PROG}: error: {e}", file=sys.stderr)
+                return 2
         for o in configmod.OPTIONS:
             v = cfg[o.key]
             if o.secret and v:
@@ -153,11 +161,14 @@ def split_listen(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.Event | None = None) -> None:
+async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.Event | None = None,
+                      web_config: Any = None) -> None:
     from aiohttp import web
 
-    from .http import KEEPALIVE_TIMEOUT, Listener, make_app
+    from .http import KEEPALIVE_TIMEOUT, Listener, auth_middleware, make_app
+    from .webconfig import BasicAuth, WebConfigWatcher
 
+    web_config = web_config or WebConfigWatcher(cfg["web.config.file"])
     daemon = daemon or make_daemon(cfg)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -173,12 +184,13 @@ async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.E
     async def track(request: web.Request, handler: Any) -> Any:
         return await listener_box[0].middleware(request, handler)
 
-    app = make_app(daemon, middlewares=(track,))
+    auth = BasicAuth(web_config)
+    app = make_app(daemon, middlewares=(track, auth_middleware(auth)))
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5,
                            keepalive_timeout=KEEPALIVE_TIMEOUT)
     await runner.setup()
     assert runner.server is not None
-    listener = Listener(runner.server)
+    listener = Listener(runner.server, ssl_context=web_config.ssl_context)
     listener_box.append(listener)
     host, port = split_listen(cfg["web.listen-address"])
     try:
@@ -187,12 +199,15 @@ async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.E
         await runner.cleanup()
         raise SystemExit(f"{PROG}: error: cannot listen on {cfg['web.listen-address']}: "
                          f"{getattr(e, 'strerror', None) or e}")
-    log.info("%s %s listening on %s (at most %d connections)", PROG, __version__,
-             ", ".join(f"{a[0]}:{a[1]}" for a in bound), listener.cap)
+    current = web_config.current
+    log.info("%s %s listening on %s (%s%s, at most %d connections)", PROG, __version__,
+             ", ".join(f"{a[0]}:{a[1]}" for a in bound), "https" if current.tls else "http",
+             ", basic auth" if current.auth else "", listener.cap)
     try:
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP received: nothing to re-read"))
+        loop.add_signal_handler(signal.SIGHUP, lambda: web_config.reload("SIGHUP"))
     except (NotImplementedError, RuntimeError):
         pass
+    watch = asyncio.create_task(web_config.watch(), name="web-config-watch")
     await daemon.start()
     try:
         await stop.wait()
@@ -202,13 +217,22 @@ async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.E
             await asyncio.wait_for(daemon.stop(), 1.5)
         except asyncio.TimeoutError:
             log.warning("sources did not stop within 1.5s")
+        watch.cancel()
         await listener.close()
         await runner.cleanup()
+        auth.close()
 
 
 def serve(cfg: configmod.Config, daemon: Any = None) -> int:
+    from .webconfig import WebConfigWatcher
+
     try:
-        asyncio.run(serve_async(cfg, daemon))
+        web_config = WebConfigWatcher(cfg["web.config.file"])
+    except configmod.ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve_async(cfg, daemon, web_config=web_config))
     except SystemExit as e:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

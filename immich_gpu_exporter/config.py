@@ -255,6 +255,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("web.listen-address", _listen_address, DEFAULT_LISTEN,
            "address to serve /metrics on, HOST:PORT; use 0.0.0.0:PORT or [::]:PORT for all interfaces",
            metavar="HOST:PORT"),
+    Option("web.config.file", _opt_path, None,
+           "web config file (Prometheus exporter-toolkit format: tls_server_config, basic_auth_users) for "
+           "TLS and basic auth; re-read when it changes and on SIGHUP", metavar="FILE"),
     Option("log.level", _log_level, "info", "log level: debug, info, warning, error"),
     Option("collection.interval", _positive_float, 5.0, "default seconds between collections of a source"),
     Option("collection.timeout", _positive_float, 4.0,
@@ -426,6 +429,10 @@ def _read_toml(path: str) -> dict[str, Any]:
             raise ConfigError(f"config: {path}: unknown key {_short(section)} (options live in sections, e.g. [web])")
         for name, value in body.items():
             key = f"{section}.{name}"
+            # a dotted name (`config.file = ...` under [web]) arrives as a nested table
+            while isinstance(value, dict) and len(value) == 1 and key not in OPTIONS_BY_KEY:
+                (sub, value), = value.items()
+                key = f"{key}.{sub}"
             if key not in OPTIONS_BY_KEY:
                 raise ConfigError(f"config: {path}: unknown key {_short(key)}")
             flat[key] = value

@@ -322,6 +322,25 @@ class Listener:
             conn.last_active = time.monotonic()
 
 
+def auth_middleware(auth: Any) -> Any:
+    """Basic auth on every path (as exporter-toolkit does), when the web config names users."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not auth.watcher.current.auth:
+            return await handler(request)
+        ok = await auth.allowed(request.headers.get("Authorization"))
+        if ok:
+            return await handler(request)
+        if ok is None:
+            return web.Response(status=503, text="too many authentication attempts at once\n",
+                                headers={"Retry-After": "1"})
+        return web.Response(status=401, text="Unauthorized\n",
+                            headers={"WWW-Authenticate": 'Basic realm="immich-gpu-exporter", charset="UTF-8"'})
+
+    return check
+
+
 def make_app(daemon: object, middlewares: tuple[Any, ...] = ()) -> web.Application:
     app = web.Application(middlewares=middlewares)
     app[DAEMON_KEY] = daemon

@@ -39,7 +39,8 @@ class Prometheus:
     def __init__(self, workdir: pathlib.Path, targets: Mapping[str, Sequence[str]] | Sequence[str],
                  *, scrape_interval: str = "1s", evaluation_interval: str = "1s",
                  rule_files: Sequence[pathlib.Path | str] = (), alertmanager_url: str | None = None,
-                 metrics_path: str = "/metrics", extra_args: Sequence[str] = ()) -> None:
+                 metrics_path: str = "/metrics", extra_args: Sequence[str] = (),
+                 job_settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.dir = pathlib.Path(workdir) / f"prometheus-{free_port()}"
         self.dir.mkdir(parents=True)
         self.port = free_port()
@@ -52,6 +53,7 @@ class Prometheus:
         self.alertmanager_url = alertmanager_url
         self.metrics_path = metrics_path
         self.extra_args = list(extra_args)
+        self.job_settings = dict(job_settings or {})  # per job: scheme, tls_config, basic_auth...
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "prometheus.log"
 
@@ -60,7 +62,8 @@ class Prometheus:
         cfg: dict[str, Any] = {
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.evaluation_interval},
             "scrape_configs": [
-                {"job_name": job, "metrics_path": self.metrics_path, "static_configs": [{"targets": t}]}
+                {"job_name": job, "metrics_path": self.metrics_path, "static_configs": [{"targets": t}],
+                 **self.job_settings.get(job, {})}
                 for job, t in self.targets.items()
             ],
         }
