@@ -4,7 +4,8 @@
     python grafana/build_dashboard.py --check  # exit 1 if the JSON is out of date (a test runs this)
 
 Every query names only metrics from immich_gpu_exporter/metrics.py and filters by the
-dashboard variables `$instance` and (for GPU panels) `$gpu`. The layout is computed: panels
+dashboard variables `$immich` (the installation: the `immich` target label of a two-host, remote-ML
+set-up, docs/remote-ml.md; "All" matches hosts without it), `$instance` and (for GPU panels) `$gpu`. The layout is computed: panels
 flow left to right in rows of 24 columns.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 OUT = pathlib.Path(__file__).resolve().parent / "immich-gpu-dashboard.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-I = 'instance=~"$instance"'  # noqa: E741 - the filter every query carries
+I = 'immich=~"$immich", instance=~"$instance"'  # noqa: E741 - the filter every query carries
 G = f'{I}, gpu=~"$gpu"'
 ML_QUEUES = 'queue=~"smartSearch|faceDetection|ocr"'
 
@@ -120,23 +121,29 @@ def build() -> dict[str, Any]:
     red_green = [{"color": "green", "value": None}, {"color": "red", "value": 1}]
 
     L.row("Verdict: is Immich on the GPU?")
+    L.add(stat("Data", f'count(immich_gpu_exporter_build_info{{{I}, mode="demo"}}) or vector(0)',
+               thresholds=red_green,
+               mappings=[{"type": "value", "options": {"0": {"text": "live"}}},
+                         {"type": "range", "options": {"from": 1, "to": None, "result": {"text": "DEMO"}}}],
+               description="DEMO when an instance shown is `immich-gpu-exporter demo` (build_info mode=\"demo\"): "
+                           "its values are a built-in replay, not a real host."), 4, 4)
     L.add(stat("Effective provider", f"immich_ml_execution_provider{{{I}}} == 1", "{{provider}}", text_mode="name",
                description="The ONNX Runtime execution provider the ML service really runs on (from its journal)."),
-          5, 4)
+          4, 4)
     L.add(stat("Preferred provider", f"immich_ml_preferred_execution_provider{{{I}}} == 1", "{{provider}}",
                text_mode="name", description="First provider of the latest 'Setting execution providers' line."),
-          5, 4)
+          4, 4)
     L.add(stat("CPU fallback", f"max(immich_ml_cpu_fallback{{{I}}})", thresholds=red_green,
                mappings=[{"type": "value", "options": {"0": {"text": "no"}, "1": {"text": "FALLBACK"}}}],
                description="1 when a GPU provider is preferred but the ML service runs on the CPU."), 4, 4)
     L.add(stat("GPU memory held by Immich ML",
                f'sum(immich_gpu_process_memory_used_bytes{{{G}, component="ml"}}) or vector(0)', unit="bytes",
                description="0 while a GPU provider is preferred and models are loaded means the work is on the CPU."),
-          5, 4)
+          4, 4)
     L.add(stat("Units active",
                f'sum(immich_unit_state{{{I}, state="active"}}) / count(immich_unit_info{{{I}, load_state="loaded"}})',
                unit="percentunit", description="Share of the watched, existing units that are active.",
-               thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}]), 5, 4)
+               thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}]), 4, 4)
 
     L.row("Before / after: seconds per job, CPU vs CUDA")
     # provider="" is ML work done before the exporter knew the provider (no provider line read yet)
@@ -203,6 +210,39 @@ def build() -> dict[str, Any]:
               target(f"sum by (component) (immich_gpu_process_decoder_utilization_ratio{{{G}}})", "decoder {{component}}",
                      "B")], "percentunit", min=0), 8, 8)
 
+    L.row("video: GPU vs software")
+    L.add(stat("Transcode fallback", f"max(immich_transcode_fallback{{{I}}})", thresholds=red_green,
+               mappings=[{"type": "value", "options": {"0": {"text": "no"}, "1": {"text": "SOFTWARE"}}}],
+               description="1 when the server's log shows a fallback to software within the latest transcodes "
+                           "while hardware acceleration is asked for (docs/transcode.md)."), 4, 4)
+    L.add(stat("Configured acceleration", f"immich_transcode_configured_info{{{I}}}", "{{accel}} / {{decode}} decoding",
+               text_mode="name", description="ffmpeg.accel and accelDecode from /api/system-config (needs the "
+                                             "systemConfig.read permission; empty without it)."), 5, 4)
+    L.add(ts("Transcodes started by acceleration attempted",
+             [target(f"sum by (accel, decode) (increase(immich_transcode_jobs_total{{{I}}}[$__rate_interval]))",
+                     "{{accel}} {{decode}} decoding")], "short", min=0), 8, 8)
+    L.add(ts("Fallback steps",
+             [target(f'sum by (from, to) (increase(immich_transcode_fallbacks_total{{{I}}}[$__rate_interval]))',
+                     "{{from}} -> {{to}}")], "short", min=0,
+             description="Retry lines of the server: the decoder fell back (<accel>_hw_decode -> <accel>_sw_decode) "
+                         "or the encoder (-> software)."), 7, 8)
+    vspj = (f"sum by (accel, decode) (increase(immich_transcode_seconds_total{{{I}}}[$__range]))"
+            f" / sum by (accel, decode) (increase(immich_transcode_completed_total{{{I}}}[$__range]))")
+    p = panel("bargauge", "Seconds per video by acceleration that produced it",
+              [target(vspj, "{{accel}} {{decode}} decoding", instant=True)], "s",
+              "From each video's 'Transcoding video' line to its 'Successfully encoded' line, failed attempts "
+              "included, over the dashboard's time range.", min=0)
+    p["options"] = {"orientation": "horizontal", "displayMode": "gradient", "showUnfilled": True,
+                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
+    L.add(p, 12, 6)
+    L.add(ts("NVENC / NVDEC of the server (its ffmpeg children)",
+             # no server process on the GPU is an encoder use of 0, not a gap
+             [target(f'sum(immich_gpu_process_encoder_utilization_ratio{{{G}, component="server"}}) or vector(0)',
+                     "encoder", "A"),
+              target(f'sum(immich_gpu_process_decoder_utilization_ratio{{{G}, component="server"}}) or vector(0)',
+                     "decoder", "B")],
+             "percentunit", min=0), 12, 6)
+
     L.row("Queues")
     L.add(ts("Backlog by state",
              [target(f'sum by (queue, state) (immich_queue_jobs{{{I}, state=~"waiting|active|delayed"}})',
@@ -256,13 +296,20 @@ def build() -> dict[str, Any]:
     variables = [
         {"type": "datasource", "name": "datasource", "label": "Data source", "query": "prometheus",
          "current": {}, "hide": 0, "refresh": 1, "options": []},
-        {"type": "query", "name": "instance", "label": "Instance", "datasource": DS,
-         "query": {"query": "label_values(immich_gpu_exporter_build_info, instance)", "refId": "instance"},
-         "definition": "label_values(immich_gpu_exporter_build_info, instance)", "refresh": 2, "includeAll": True,
+        # An installation on two hosts (remote ML) is one `immich` value; "All" (.*) also matches the
+        # hosts that have no such label (one-host installations need none).
+        {"type": "query", "name": "immich", "label": "Installation", "datasource": DS,
+         "query": {"query": "label_values(immich_gpu_exporter_build_info, immich)", "refId": "immich"},
+         "definition": "label_values(immich_gpu_exporter_build_info, immich)", "refresh": 2, "includeAll": True,
          "multi": True, "allValue": ".*", "current": {}, "options": [], "sort": 1},
+        {"type": "query", "name": "instance", "label": "Instance", "datasource": DS,
+         "query": {"query": 'label_values(immich_gpu_exporter_build_info{immich=~"$immich"}, instance)',
+                   "refId": "instance"},
+         "definition": 'label_values(immich_gpu_exporter_build_info{immich=~"$immich"}, instance)', "refresh": 2,
+         "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "options": [], "sort": 1},
         {"type": "query", "name": "gpu", "label": "GPU", "datasource": DS,
-         "query": {"query": 'label_values(immich_gpu_info{instance=~"$instance"}, gpu)', "refId": "gpu"},
-         "definition": 'label_values(immich_gpu_info{instance=~"$instance"}, gpu)', "refresh": 2,
+         "query": {"query": f'label_values(immich_gpu_info{{{I}}}, gpu)', "refId": "gpu"},
+         "definition": f'label_values(immich_gpu_info{{{I}}}, gpu)', "refresh": 2,
          "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "options": [], "sort": 1},
     ]
     return {

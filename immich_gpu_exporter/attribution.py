@@ -8,19 +8,17 @@ configured globs, `parse_stat()` / `parse_memlock()` read /proc/<pid>/stat and l
 The shell: `ProcessTable` keeps what does not change for a live process (its placement, its
 name, its memlock limit) keyed by (pid, start time), so a PID reused by a new process is
 read afresh and a dead PID is evicted; only the PIDs asked for are read, /proc is never
-scanned. `DockerNames` resolves container ids to names over the Docker Engine API.
+scanned. Container names and identities come from `docker_api`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import fnmatch
 import logging
 import math
 import os
 import re
-import time
 from typing import Iterable, Mapping, Sequence
 
 log = logging.getLogger("immich_gpu_exporter.attribution")
@@ -334,64 +332,3 @@ def cgroup_pids(mount: str, path: str, limit: int = 4096) -> list[int]:
         if len(pids) >= limit:
             break
     return pids[:limit]
-
-
-# --- Docker names ---------------------------------------------------------------------------------
-
-class DockerNames:
-    """Container id -> name over the Docker Engine API on a unix socket; best effort, cached.
-
-    An unreadable socket (no Docker, no permission) is remembered for `retry` seconds so the
-    cycle does not pay a failed connect each time; labels then keep the short id.
-    """
-
-    def __init__(self, socket_path: str, timeout: float = 1.0, retry: float = 60.0) -> None:
-        self.socket_path = socket_path
-        self.timeout = timeout
-        self.retry = retry
-        self._names: dict[str, str] = {}
-        self._misses: dict[str, float] = {}  # id -> monotonic time of the failed lookup
-        self._session = None
-
-    async def _get(self, container_id: str) -> str | None:
-        import aiohttp
-
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=self.socket_path),
-                timeout=aiohttp.ClientTimeout(total=self.timeout))
-        async with self._session.get(f"http://docker/containers/{container_id}/json") as r:
-            if r.status != 200:
-                return None
-            body = await r.json(content_type=None)
-        name = body.get("Name") if isinstance(body, dict) else None
-        return name.lstrip("/") if isinstance(name, str) and name.strip("/") else None
-
-    async def resolve(self, ids: Iterable[str]) -> dict[str, str]:
-        """Names of the given ids that could be resolved; never raises."""
-        now = time.monotonic()
-        todo = [i for i in set(ids) if i not in self._names and now - self._misses.get(i, -math.inf) >= self.retry]
-        if todo and os.path.exists(self.socket_path):
-            results = await asyncio.gather(*(self._get(i) for i in todo), return_exceptions=True)
-            for cid, res in zip(todo, results):
-                if isinstance(res, str):
-                    self._names[cid] = res
-                    self._misses.pop(cid, None)
-                else:
-                    if isinstance(res, BaseException):
-                        log.debug("docker name of %s: %s", cid[:12], res)
-                    self._misses[cid] = now
-        else:
-            for cid in todo:
-                self._misses[cid] = now
-        return {i: self._names[i] for i in ids if i in self._names}
-
-    def forget_except(self, live: Iterable[str]) -> None:
-        keep = set(live)
-        for d in (self._names, self._misses):
-            for k in [k for k in d if k not in keep]:
-                del d[k]
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()

@@ -37,32 +37,85 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+USAGE = {
+    "serve": f"""{PROG} [serve] [--once | --dry-run] [options]
+       {PROG} demo [options]
+       {PROG} check [options]""",
+    "demo": f"{PROG} demo [options]",
+    "check": f"{PROG} check [options]",
+}
+DESCRIPTION = {
+    "serve": "Prometheus exporter that shows whether Immich really runs on the GPU. Without a command it runs the "
+             "daemon: every enabled source is collected in the background and /metrics serves the result.",
+    "demo": "Serve a looping replay of a small Immich host instead of reading this machine: ONNX Runtime fails to "
+            "create the CUDA provider and the ML service runs on the CPU, then the setup is fixed and it runs on "
+            "CUDA, about 40 s each at --demo.speed=1. The replay goes through the real parsers, attribution and "
+            "timing code, so /metrics and the Grafana dashboard look as they would on such a host; every "
+            "exposition says mode=\"demo\" in immich_gpu_exporter_build_info and the status page says DEMO.",
+    "check": "Validate the GPU setup the way the daemon sees it: each source runs once (with a private state "
+             "directory, so the daemon's journal cursor is untouched) and ten checks print PASS, WARN, FAIL or SKIP "
+             "with a one-line fix. Exit 0 when nothing failed, 1 when something failed, 2 for usage or configuration "
+             "errors; --json prints the documented structure of docs/check.md.",
+}
+EPILOG = {
+    "serve": "commands: serve (the default: run the daemon), demo (serve a looping CPU-then-CUDA replay through the "
+             "real parsers, for the dashboard; see demo --help), check (validate the GPU setup; see check --help). Every option is also "
+             "an environment variable IMMICH_GPU_EXPORTER_<SECTION>_<KEY> and a TOML key [section] key; see "
+             "docs/configuration.md.",
+    "demo": "Options not listed here do not apply to the demo (its scenario fixes the Immich units, containers and URLs). "
+            "Each option is also an environment variable IMMICH_GPU_EXPORTER_<SECTION>_<KEY> and a TOML key.",
+}
+# What the demo reads from the configuration; everything else is fixed by its scenario.
+DEMO_KEYS = frozenset({"web.listen-address", "log.level", "collector.nvml", "collector.systemd", "collector.journal",
+                       "collector.immich", "gpu.pid-labels", "systemd.unit", "demo.speed"})
+
+
+def _applies(key: str, command: str) -> bool:
+    if key in configmod.NOT_A_FLAG:
+        return False
+    if command == "demo":
+        return key in DEMO_KEYS
+    return not key.startswith("demo.")
+
+
+def _help(o: configmod.Option) -> str:
+    """The option's help with its default appended once (none when there is no default value)."""
+    if o.boolean:
+        default = "enabled" if o.default else "disabled"
+    elif o.repeatable:
+        default = ",".join(o.default)
+    else:
+        default = None if o.default is None else str(o.default)
+    if default is None or "(default:" in o.help:
+        return o.help
+    return f"{o.help} (default: {default})"
+
+
 def build_parser(command: str = "serve") -> argparse.ArgumentParser:
-    p = _Parser(prog=f"{PROG}" if command == "serve" else f"{PROG} {command}",
-                description="Prometheus exporter that shows whether Immich really runs on the GPU.",
-                epilog="commands: serve (the default: run the daemon), demo (serve a looping CPU-then-CUDA "
-                       "replay through the real parsers, for the dashboard), check (not implemented yet). "
-                       "Every option is also an environment variable IMMICH_GPU_EXPORTER_<SECTION>_<KEY> and a "
-                       "TOML key [section] key; see docs/configuration.md.",
+    p = _Parser(prog=f"{PROG}" if command == "serve" else f"{PROG} {command}", usage=USAGE[command],
+                description=DESCRIPTION[command], epilog=EPILOG.get(command, EPILOG["serve"]),
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file (flags > env > file > defaults)")
+    if command == "check":
+        p.add_argument("--json", action="store_true", help="print the findings as JSON (see docs/check.md)")
+        p.add_argument("--root", metavar="DIR", help="read /proc/modules, /dev, /sys, /etc/cdi and the model cache "
+                       "under DIR instead of / (a host root mounted into a container; tests)")
     if command == "serve":
         p.add_argument("--once", action="store_true",
                        help="run one collection cycle of every enabled source, print the exposition, exit 0")
         p.add_argument("--dry-run", action="store_true",
                        help="validate flags, environment and config file, print the merged config, exit 0")
     for o in configmod.OPTIONS:
-        if o.key in configmod.NOT_A_FLAG:
+        if not _applies(o.key, command):
             continue
         if o.boolean:
-            p.add_argument(o.flag, dest=o.dest, action=argparse.BooleanOptionalAction, help=o.help)
+            p.add_argument(o.flag, dest=o.dest, action=argparse.BooleanOptionalAction, help=_help(o))
         elif o.repeatable:
-            p.add_argument(o.flag, dest=o.dest, action="append", metavar=o.metavar or "VALUE",
-                           help=f"{o.help} (default: {','.join(o.default)})")
+            p.add_argument(o.flag, dest=o.dest, action="append", metavar=o.metavar or "VALUE", help=_help(o))
         else:
             p.add_argument(o.flag, dest=o.dest, metavar=o.metavar or _METAVARS.get(o.parse.__name__, "VALUE"),
-                           help=f"{o.help} (default: {o.default})")
+                           help=_help(o))
     return p
 
 
@@ -98,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(cfg["log.level"])
     if command == "check":
         from .check import run_check
-        return run_check(cfg)
+        return run_check(cfg, as_json=getattr(ns, "json", False), root=getattr(ns, "root", "/"))
     if command == "demo":
         from .demo import run_demo
         return run_demo(cfg)
@@ -117,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 v = "<set>"
             elif isinstance(v, str):
                 v = logs.redact(v)
+            elif isinstance(v, tuple):
+                v = tuple(logs.redact(x) if isinstance(x, str) else x for x in v)
             print(f"{o.key} = {v!r}  # {cfg.origin(o.key)}")
         return 0
     if getattr(ns, "once", False):
@@ -130,16 +185,18 @@ def register_secrets(cfg: configmod.Config) -> None:
         v = cfg[o.key]
         if o.secret and isinstance(v, str):
             logs.add_secret(v)
-        elif isinstance(v, str) and "://" in v:
-            for part in configmod.url_credentials(v):
-                logs.add_secret(part)
+        else:
+            for item in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(item, str) and "://" in item:
+                    for part in configmod.url_credentials(item):
+                        logs.add_secret(part)
 
 
 def make_daemon(cfg: configmod.Config):  # type: ignore[no-untyped-def]
     from . import sources
     from .daemon import Daemon
 
-    daemon = Daemon()
+    daemon = Daemon(role=cfg["deployment.role"])
     for name in sources.enabled(cfg):
         daemon.add(sources.create(name, cfg, daemon.hub))
     return daemon

@@ -192,6 +192,22 @@ def _listen_address(v: Any) -> str:
     return s
 
 
+ROLES = ("all", "ml", "server")
+# What a role changes: defaults only, so an explicit flag, variable or key still wins.
+ROLE_DEFAULTS: dict[str, dict[str, Any]] = {"all": {}, "ml": {"collector.immich": False}, "server": {}}
+
+
+def _role(v: Any) -> str:
+    s = _str(v).strip().lower()
+    if s not in ROLES:
+        raise ValueError(f"expected one of {', '.join(ROLES)}, got {v!r}")
+    return s
+
+
+def _url_list(v: Any) -> tuple[str, ...]:
+    return tuple(_url(x) for x in _str_list(v))
+
+
 def _log_level(v: Any) -> str:
     s = _str(v).strip().lower()
     if s not in ("debug", "info", "warning", "error"):
@@ -270,6 +286,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("collector.journal", _bool, True, "parse the ML service's journal for provider and fallback",
            boolean=True),
     Option("collector.immich", _bool, True, "poll the Immich API for job queues", boolean=True),
+    Option("collector.remote", _bool, True, "read the provider in force from the ML host's exporter (runs only "
+           "when --remote-ml.exporter-url is set)", boolean=True),
+    Option("deployment.role", _role, "all", "what this host runs: all (server and ML here, the default), ml (the GPU host of "
+           "a remote-ML set-up: the Immich collector is off by default), server (the server host: the provider "
+           "comes from --remote-ml.exporter-url); see docs/remote-ml.md", metavar="ROLE"),
     # NVML / attribution
     Option("nvml.interval", _positive_float, 5.0, "seconds between NVML collections"),
     Option("nvml.retry-interval", _positive_float, 300.0,
@@ -292,9 +313,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("journal.unit", _str_list, ("immich-machine-learning.service",), "ML unit whose journal to follow",
            repeatable=True, metavar="UNIT"),
     Option("journal.server-unit", _str_list, ("immich-server.service",),
-           "server unit whose journal to follow for ML health lines", repeatable=True, metavar="UNIT"),
+           "server unit whose journal to follow for ML health and video transcoding lines", repeatable=True,
+           metavar="UNIT"),
     Option("journal.server-container-name", _str_list, ("immich_server",),
-           "CONTAINER_NAME of the server container (Docker journald log driver), for ML health lines",
+           "CONTAINER_NAME of the server container (Docker journald log driver), for ML health and transcoding lines",
            repeatable=True, metavar="NAME"),
     Option("journal.container-name", _str_list, ("immich_machine_learning",),
            "CONTAINER_NAME of the ML container (Docker journald log driver)", repeatable=True, metavar="NAME"),
@@ -304,11 +326,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("journal.fallback-grace", _positive_float, 120.0,
            "seconds a GPU provider may be preferred with models loaded but no GPU memory before it counts as "
            "a CPU fallback"),
+    Option("journal.transcode-window", _positive_int, 10,
+           "immich_transcode_fallback is 1 while a fallback to software was logged within this many latest "
+           "video transcodes started (docs/transcode.md)"),
     Option("journal.backfill-entries", _positive_int, 5000,
            "at first start without a cursor, read back at most this many entries of the unit's last start"),
     # immich
     Option("immich.url", _url, "http://localhost:2283", "Immich server URL"),
     Option("immich.ml-url", _url, "http://localhost:3003", "Immich machine-learning service URL"),
+    Option("immich.ml-failover-url", _url_list, (),
+           "further ML URLs in the order of Immich's machineLearning.urls list, after --immich.ml-url (repeatable)",
+           repeatable=True, metavar="URL"),
     Option("immich.api-key-file", _opt_path, None,
            "file holding an admin API key with queue.read/job.read (systemd LoadCredential= works)",
            metavar="FILE"),
@@ -319,6 +347,10 @@ OPTIONS: tuple[Option, ...] = (
            metavar="URL"),
     Option("immich.interval", _positive_float, 5.0, "seconds between Immich API polls"),
     Option("immich.timeout", _positive_float, 3.0, "seconds each Immich API request may take"),
+    # remote machine learning (the server host of a two-host installation)
+    Option("remote-ml.exporter-url", _url_list, (),
+           "/metrics URL of the exporter on the ML host (repeatable: one per ML URL, in the same order)",
+           repeatable=True, metavar="URL"),
     # demo
     Option("demo.speed", _positive_float, 1.0,
            "demo command only: replay the built-in scenario this many times faster than real time (one "
@@ -484,6 +516,9 @@ def load(flags: Mapping[str, Any], config_file: str | None, environ: Mapping[str
         else:
             values[key] = _parse(opt, raw, f"flag {opt.flag}")
         origin[key] = "flag"
+    for key, value in ROLE_DEFAULTS[values["deployment.role"]].items():
+        if origin[key] == "default":
+            values[key], origin[key] = value, "role"
     return Config(values, origin)
 
 

@@ -26,18 +26,23 @@ log = logging.getLogger("immich_gpu_exporter")
 MIN_WAKE_GAP = 0.05  # seconds: coalesce bursts of wake-ups (a burst of journal lines)
 
 
-def build_labels() -> dict[str, str]:
-    return {"version": __version__, "python_version": platform.python_version()}
+MODES = ("live", "demo")  # demo: the values are `immich-gpu-exporter demo`'s invented replay
+
+
+def build_labels(mode: str = "live", role: str = "all") -> dict[str, str]:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    return {"version": __version__, "python_version": platform.python_version(), "mode": mode, "role": role}
 
 
 class Daemon:
     def __init__(self, sources: Iterable[Source] | None = None, clock: Callable[[], float] = time.time,
-                 strict_samples: bool = False) -> None:
+                 strict_samples: bool = False, mode: str = "live", role: str = "all") -> None:
         self.sources: list[Source] = []
         self.hub = Hub(lambda: self._snapshot)
         self._clock = clock
         self._strict = strict_samples
-        self._snapshot = Snapshot(0, MappingProxyType({}), MappingProxyType(build_labels()))
+        self._snapshot = Snapshot(0, MappingProxyType({}), MappingProxyType(build_labels(mode, role)))
         self._rendered: Rendered | None = None
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -124,11 +129,18 @@ class Daemon:
         return state
 
     # -- modes -----------------------------------------------------------------------------------
-    async def run_once(self) -> Snapshot:
-        """Start, collect every source once (concurrently), close. For --once and tests."""
+    async def run_once(self, sequential: bool = False) -> Snapshot:
+        """Start, collect every source once, close. For --once, `check` and tests.
+
+        Concurrently by default; `sequential` collects in the order the sources were added, so a
+        source sees the facts of those before it in this same cycle (`check` relies on it)."""
         await asyncio.gather(*(self._safe_start(s) for s in self.sources))
         try:
-            await asyncio.gather(*(self.collect_source(s) for s in self.sources))
+            if sequential:
+                for s in self.sources:
+                    await self.collect_source(s)
+            else:
+                await asyncio.gather(*(self.collect_source(s) for s in self.sources))
         finally:
             await self.close_sources()
         return self._snapshot

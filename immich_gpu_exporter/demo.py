@@ -18,6 +18,8 @@ Runtime logs "Failed to create CUDAExecutionProvider" and runs on the CPU (`CPU_
 smart-search job, a worker OOM-killed, no ML GPU memory); then the admin fixes it and restarts the
 ML unit (`CUDA_AT`): CUDA works (~0.5 s per job, ~1.2 GB of GPU memory, 40-70 % SM), the worker
 idles out. Then systemd restarts the crashed service into the broken setup again and it loops.
+Videos follow the same story: in the broken phase NVENC fails and the server falls back to software
+for each video; after the fix NVENC works.
 Each phase gets the same upload (a batch plus a trickle of new jobs), so the runs compare.
 
 The scenario clock is injectable (`ScenarioClock(speed)` for the daemon, `ManualClock` for tests
@@ -64,6 +66,7 @@ DEMO_SETTINGS = {
     "component_server": (SERVER_UNIT, "immich_server"), "immich_url": "http://immich.demo:2283",
     "immich_ml_url": "http://immich.demo:3003", "immich_telemetry_url": "http://immich.demo:8082/metrics",
     "immich_api_key_file": None, "journal_fallback_grace": 120.0,
+    "journal_transcode_window": 2,  # two videos per phase: the verdict clears after the fix
 }
 
 
@@ -317,6 +320,26 @@ class JournalScript:
                                                    "Microservices:MachineLearningRepository",
                                                    f"Machine learning server became {word} (http://localhost:3003)."))
 
+    def _videos(self, t0: float, nvenc_ok: bool) -> list[tuple[float, str, int, list[str]]]:
+        """Two videos of one phase, as media.service.ts logs them (docs/transcode.md): NVENC works,
+        or it fails and each video is retried with software decoding, then in software (6 s)."""
+        out = []
+        ctx = "Microservices:MediaService"
+        for n, s in enumerate((t0 + 3.0, t0 + 10.0)):
+            vid = f"0e0c{int(t0) % 10000:04d}-0000-4000-8000-{n:012d}"
+            pid = SERVER_PIDS[2]
+            log_ = [(s, "LOG", f"Transcoding video {vid} with NVENC-accelerated encoding and decoding")]
+            if nvenc_ok:
+                log_.append((s + 2.0, "LOG", f"Successfully encoded {vid}"))
+            else:
+                err = "Error occurred during transcoding: ffmpeg exited with code 234: Conversion failed!"
+                log_ += [(s + 0.5, "ERROR", err),
+                         (s + 0.5, "ERROR", "Retrying with NVENC-accelerated encoding and software decoding"),
+                         (s + 1.0, "ERROR", err), (s + 1.0, "ERROR", "Retrying with NVENC acceleration disabled"),
+                         (s + 7.0, "LOG", f"Successfully encoded {vid}")]
+            out += [(t, SERVER_UNIT, pid, [_nest(self._when(t), pid, lvl, ctx, msg)]) for t, lvl, msg in log_]
+        return out
+
     def _loop(self, k: int) -> list[tuple[float, str, int, list[str]]]:
         """(scenario time, unit, _PID, lines) of loop k, in order."""
         t0 = k * PERIOD
@@ -344,6 +367,7 @@ class JournalScript:
             if t > 0 or healthy:
                 unit, pid, line = self._ml_health(t, healthy)
                 out.append((t, unit, pid, [line]))
+        out += self._videos(t0, False) + self._videos(t0 + CUDA_AT, True)
         out.sort(key=lambda r: r[0])  # stable: same-time records keep their order
         return out
 
@@ -413,6 +437,11 @@ class Scenario:
     @staticmethod
     def version_json() -> bytes:
         return b'{"major":3,"minor":1,"patch":0,"prerelease":null}'
+
+    @staticmethod
+    def system_config_json() -> bytes:
+        # only the keys the exporter reads; the real answer is a whole SystemConfigDto (with secrets)
+        return b'{"ffmpeg": {"accel": "nvenc", "accelDecode": true}}'
 
     @staticmethod
     def features_json() -> bytes:
@@ -642,7 +671,7 @@ class DemoImmich(ImmichSource):
         else:
             raw = {"/api/server/ping": b'{"res":"pong"}', "/api/server/version": s.version_json(),
                    "/api/server/features": s.features_json(), "/api/queues": s.queues_json(),
-                   "/metrics": s.telemetry_text()}[path]
+                   "/metrics": s.telemetry_text(), "/api/system-config": s.system_config_json()}[path]
         if not want_json:
             return raw.decode("utf-8", "replace")
         return json.loads(raw)
@@ -663,7 +692,7 @@ def build_daemon(cfg: Any, clock: Any, strict_samples: bool = False) -> Any:
 
     cfg = demo_config(cfg)
     scenario = Scenario(clock)
-    daemon = Daemon(strict_samples=strict_samples)
+    daemon = Daemon(strict_samples=strict_samples, mode="demo")  # labelled: never mistaken for a real host
     for name, cls in DEMO_SOURCES.items():
         if cfg[f"collector.{name}"]:
             daemon.add(cls(cfg, daemon.hub, scenario))

@@ -73,6 +73,10 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(status=503, text="first collection cycle not done yet\n")
 
 
+DEMO_BANNER = ('<p class=demo>DEMO: every value here is a built-in replay (<code>immich-gpu-exporter demo</code>), '
+               'not read from this host. Do not let a real Prometheus scrape it.</p>')
+
+
 def landing_html(snapshot) -> str:  # type: ignore[no-untyped-def]
     now = time.time()
     rows = []
@@ -87,8 +91,9 @@ def landing_html(snapshot) -> str:  # type: ignore[no-untyped-def]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>immich-gpu-exporter</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}
-.up{{color:#080}}.down{{color:#b00}}.starting{{color:#888}}</style></head>
-<body><h1>immich-gpu-exporter {html.escape(__version__)}</h1>
+.up{{color:#080}}.down{{color:#b00}}.starting{{color:#888}}
+.demo{{background:#b00;color:#fff;font-weight:bold;padding:.6em 1em}}</style></head>
+<body>{DEMO_BANNER if snapshot.build.get("mode") == "demo" else ""}<h1>immich-gpu-exporter {html.escape(__version__)}</h1>
 <p>Is Immich on the GPU? Per-process GPU use, unit states, the ONNX execution provider and job timings.</p>
 <p><a href="metrics">Metrics</a> &middot; <a href="-/healthy">healthy</a> &middot; <a href="-/ready">ready</a></p>
 <table><tr><th>source</th><th>status</th><th>last success</th><th>series</th><th>last error</th></tr>

@@ -214,6 +214,34 @@ def needed_permission(path: str, version: Version | None) -> str:
     return f"an API key of an admin user with the '{perm}' permission (for {path})"
 
 
+# --- configured video acceleration (GET /api/system-config) -----------------------------------
+
+SYSTEM_CONFIG_PATH = "/api/system-config"
+SYSTEM_CONFIG_PERMISSION = "systemConfig.read"  # and an admin user's key; the same from v1.130 to v3.1
+# TranscodeHardwareAcceleration (v3.1.0; TranscodeHWAccel before, same values)
+ACCELERATIONS = ("nvenc", "qsv", "vaapi", "rkmpp", "disabled")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConfiguredAcceleration:
+    accel: str  # one of ACCELERATIONS, or "other"
+    decode: str  # "hardware" if ffmpeg.accelDecode else "software"
+
+
+def decode_ffmpeg_acceleration(body: Any) -> ConfiguredAcceleration:
+    """`ffmpeg.accel` and `ffmpeg.accelDecode` of a SystemConfigDto, and nothing else.
+
+    The same answer carries the OAuth client secret, the SMTP password and other secrets: this is
+    the one place the answer is read, and only these two keys leave it. Errors never quote it."""
+    ffmpeg = body.get("ffmpeg") if isinstance(body, dict) else None
+    if not isinstance(ffmpeg, dict):
+        raise BadAnswer("the system config has no ffmpeg object")
+    accel, decode = ffmpeg.get("accel"), ffmpeg.get("accelDecode")
+    if not isinstance(accel, str) or not isinstance(decode, bool):
+        raise BadAnswer("ffmpeg.accel / ffmpeg.accelDecode missing or of the wrong type")
+    return ConfiguredAcceleration(accel if accel in ACCELERATIONS else "other", "hardware" if decode else "software")
+
+
 # --- telemetry --------------------------------------------------------------------------------
 
 JOB_STATUSES = ("success", "failed", "skipped")

@@ -50,8 +50,11 @@ _PROC_GROUP = ("component", "unit", "container")
 
 _DEFS: list[MetricDef] = [
     # --- exporter self-health -------------------------------------------------------------
-    _m("immich_gpu_exporter_build_info", "gauge", "Version of the exporter and of the Python running it; always 1.",
-       ("version", "python_version")),
+    _m("immich_gpu_exporter_build_info", "gauge",
+       "Version of the exporter and of the Python running it; always 1. mode is \"demo\" when every value is "
+       "the built-in replay of `immich-gpu-exporter demo`, invented and not read from this host, else \"live\". "
+       "role is --deployment.role: all (one host), ml or server (remote machine learning; docs/remote-ml.md).",
+       ("version", "python_version", "mode", "role")),
     _m("immich_gpu_exporter_source_up", "gauge",
        "1 if the source's last collection succeeded, 0 if it is down (see source_errors_total for why).",
        ("source",)),
@@ -116,9 +119,35 @@ _DEFS: list[MetricDef] = [
        ("label",), "exporter"),
     _m("immich_ml_last_provider_change_timestamp_seconds", "gauge",
        "Unix time the effective execution provider last changed.", (), "journal"),
+    # --- journal / server: video transcoding (transcode.py, docs/transcode.md) ------------------
+    _m("immich_transcode_jobs_total", "counter",
+       "Video transcodes started, by the acceleration the server logged it attempts first (accel: nvenc, qsv, "
+       "vaapi, rkmpp, disabled = software, other; decode: hardware, software).", ("accel", "decode"), "journal"),
+    _m("immich_transcode_fallbacks_total", "counter",
+       "Fallback steps the server logged after a failed transcode (from/to: <accel>_hw_decode, <accel>_sw_decode, "
+       "software); retry lines name no video, so steps are counted, not videos.", ("from", "to"), "journal"),
+    _m("immich_transcode_fallback", "gauge",
+       "1 if a fallback to software was logged after the N-th most recent transcode start (journal.transcode-window) "
+       "and the latest start asked for hardware acceleration, else 0.", (), "journal"),
+    _m("immich_transcode_seconds_total", "counter",
+       "Wall seconds from a video's 'Transcoding video' line to its 'Successfully encoded' line, retries included, by "
+       "the acceleration that produced the file.", ("accel", "decode"), "journal"),
+    _m("immich_transcode_completed_total", "counter",
+       "Videos the server logged as successfully encoded whose start was seen, by the acceleration that produced the "
+       "file (divide immich_transcode_seconds_total by it for seconds per video).", ("accel", "decode"), "journal"),
     # --- Immich API ----------------------------------------------------------------------------
+    _m("immich_transcode_configured_info", "gauge",
+       "Video acceleration configured in Immich (GET /api/system-config: ffmpeg.accel, ffmpeg.accelDecode as "
+       "hardware/software); absent without systemConfig.read; always 1.", ("accel", "decode"), "immich"),
     _m("immich_server_up", "gauge", "1 if the Immich server answered /api/server/ping.", (), "immich"),
-    _m("immich_ml_up", "gauge", "1 if the ML service answered /ping.", (), "immich"),
+    _m("immich_ml_up", "gauge", "1 if the ML service answered /ping (any of its URLs, with failover URLs).", (),
+       "immich"),
+    _m("immich_ml_url_up", "gauge", "1 if this ML URL (scheme://host:port of --immich.ml-url or a failover URL) "
+       "answered /ping.", ("url",), "immich"),
+    _m("immich_ml_serving", "gauge", "1 for the ML URL that serves Immich's ML work, inferred as Immich picks: the "
+       "first healthy URL of its list (Immich does not log it).", ("url",), "immich"),
+    _m("immich_remote_ml_exporter_up", "gauge", "1 if the exporter on a remote ML host (--remote-ml.exporter-url) "
+       "answered; its verdict gives the provider in force on a server-role host.", ("exporter",), "remote"),
     _m("immich_server_info", "gauge", "Version of the Immich server; always 1.", ("version",), "immich"),
     _m("immich_server_feature_enabled", "gauge", "1 if the server reports the feature enabled.", ("feature",),
        "immich"),

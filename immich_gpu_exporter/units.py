@@ -190,9 +190,15 @@ def unit_samples(r: UnitReading) -> list[Sample]:
 
 
 def unit_facts(readings: Iterable[UnitReading]) -> dict[str, Any]:
-    """Facts for other sources: host PIDs and control group of each unit that exists."""
+    """Facts for other sources and `check`: host PIDs, control group and environment settings of
+    each unit that exists. The environment is a fact only (for `check`'s environment advice); it is
+    never exported, because units keep database passwords there."""
     readings = [r for r in readings if r.found]
     return {
         "unit_pids": {r.name: tuple(r.pids) for r in readings},
         "control_groups": {r.name: r.control_group for r in readings if r.control_group},
+        "unit_environment": {r.name: {"Environment": tuple(str(e) for e in r.typed.get("Environment", ())),
+                                      "EnvironmentFiles": tuple((str(p), bool(o)) for p, o in
+                                                                r.typed.get("EnvironmentFiles", ()))}
+                             for r in readings if "Environment" in r.typed or "EnvironmentFiles" in r.typed},
     }

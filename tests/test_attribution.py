@@ -1,15 +1,13 @@
 """PID -> unit / container / pod / component from real-looking /proc/<pid>/cgroup texts, /proc
-stat and limits parsing, and Docker name resolution against a real aiohttp server on a unix socket."""
+stat and limits parsing. Docker's side is tests/test_docker_api.py."""
 
 from __future__ import annotations
 
 import math
 import os
 import pathlib
-import socket
 
 import pytest
-from aiohttp import web
 
 from immich_gpu_exporter import attribution as attr
 
@@ -196,59 +194,6 @@ def test_process_table_caches_per_pid_and_start_time(tmp_path):
     assert t.lookup(5555) is None
     t.evict_except([])
     assert len(t) == 0
-
-
-# --- Docker names over a real unix socket -----------------------------------------------------------
-
-@pytest.fixture
-async def docker_api(tmp_path):
-    calls: list[str] = []
-
-    async def inspect(request: web.Request) -> web.Response:
-        cid = request.match_info["id"]
-        calls.append(cid)
-        if cid == ID:
-            return web.json_response({"Id": ID, "Name": "/immich_machine_learning", "State": {"Pid": 1}})
-        return web.json_response({"message": f"No such container: {cid}"}, status=404)
-
-    app = web.Application()
-    app.router.add_get("/containers/{id}/json", inspect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    path = str(tmp_path / "docker.sock")
-    site = web.UnixSite(runner, path)
-    await site.start()
-    yield path, calls
-    await runner.cleanup()
-
-
-async def test_docker_names_resolves_and_caches(docker_api):
-    path, calls = docker_api
-    names = attr.DockerNames(path)
-    try:
-        assert await names.resolve([ID, ID2]) == {ID: "immich_machine_learning"}
-        assert await names.resolve([ID, ID2]) == {ID: "immich_machine_learning"}
-        assert calls == [ID, ID2] or sorted(calls) == sorted([ID, ID2])  # once each: hits and misses cached
-    finally:
-        await names.close()
-
-
-async def test_docker_names_without_socket_keeps_ids(tmp_path):
-    names = attr.DockerNames(str(tmp_path / "absent.sock"))
-    assert await names.resolve([ID]) == {}
-    await names.close()
-
-
-async def test_docker_names_on_a_dead_socket_is_best_effort(tmp_path):
-    path = tmp_path / "dead.sock"
-    s = socket.socket(socket.AF_UNIX)
-    s.bind(str(path))  # bound, never listening: connect is refused
-    try:
-        names = attr.DockerNames(str(path), timeout=0.5)
-        assert await names.resolve([ID]) == {}
-        await names.close()
-    finally:
-        s.close()
 
 
 @pytest.mark.parametrize("text,owner", [

@@ -35,17 +35,18 @@ def test_ids_titles_and_grid_are_sound():
         assert all(isinstance(g[k], int) for k in "hwxy") and 0 <= g["x"] and g["x"] + g["w"] <= 24
         for t in p.get("targets", []):
             assert t["datasource"]["uid"] == "${datasource}"
-    assert {v["name"] for v in d["templating"]["list"]} == {"datasource", "instance", "gpu"}
+    assert {v["name"] for v in d["templating"]["list"]} == {"datasource", "immich", "instance", "gpu"}
     assert d["uid"] == "immich-gpu"
 
 
-def test_every_query_names_only_defined_metrics_and_filters_by_instance():
+def test_every_query_names_only_defined_metrics_and_filters_by_installation_and_instance():
     for title, ref, expr in dashboard.queries(dashboard.load()):
         names = set(re.findall(r"\b(immich_[a-z0-9_]+)", expr))
         assert names, (title, expr)
         for n in names:
             assert n in METRICS, f"panel {title!r} uses undefined metric {n}"
         assert 'instance=~".*"' in expr, f"panel {title!r} ignores $instance"
+        assert 'immich=~".*"' in expr, f"panel {title!r} ignores $immich (the installation of a two-host set-up)"
 
 
 def test_every_query_parses_with_promtool(tmp_path):

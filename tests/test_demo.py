@@ -74,6 +74,28 @@ async def test_every_metric_of_the_dashboard_and_the_rules_has_samples_within_20
     assert not missing, f"no samples after 20 s of demo: {sorted(missing)}"
 
 
+async def test_the_demo_is_labelled_in_the_exposition_and_on_the_status_page_and_the_daemon_is_not(run):
+    from immich_gpu_exporter.cli import make_daemon
+    from immich_gpu_exporter.http import landing_html
+
+    await run.to(1.0)
+    for openmetrics in (False, True):
+        rendered = render(run.daemon.snapshot, openmetrics)
+        text = (rendered.openmetrics if openmetrics else rendered.text).decode()
+        [(labels, v)] = [(dict(lb), v) for (n, lb), v in parse(text).items() if n == "immich_gpu_exporter_build_info"]
+        assert labels["mode"] == "demo" and v == 1
+    page = landing_html(run.daemon.snapshot)
+    assert "<p class=demo>DEMO: every value here is a built-in replay" in page
+    assert page.index("class=demo") < page.index("<h1>")  # the first thing on the page
+
+    live = make_daemon(config.load({f"collector.{n}": False for n in ("nvml", "systemd", "journal", "immich")},
+                                   None, {}))
+    [(labels, _)] = [(dict(lb), v) for (n, lb), v in parse(live.rendered.text.decode()).items()
+                     if n == "immich_gpu_exporter_build_info"]
+    assert labels["mode"] == "live"
+    assert "DEMO" not in landing_html(live.snapshot)
+
+
 async def test_sources_carry_the_daemons_names_and_follow_the_collector_switches():
     r = Run()
     assert [s.name for s in r.daemon.sources] == ["nvml", "systemd", "journal", "immich"]

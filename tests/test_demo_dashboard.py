@@ -52,8 +52,9 @@ def test_every_panel_returns_data_in_demo_mode_and_the_bar_shows_cpu_slower_than
     started = time.time()
     with Exporter([f"--demo.speed={SPEED}"], command="demo", log_path=tmp_path / "exporter.log") as exporter, \
             Prometheus(tmp_path, [exporter.address]) as prom:
-        # The daemon's HTTP front works as usual in demo mode.
-        assert http_get(exporter.url + "/")[0] == 200
+        # The daemon's HTTP front works as usual in demo mode, and says DEMO.
+        status, _, page = http_get(exporter.url + "/")
+        assert status == 200 and b"DEMO" in page
         # Data covering a CPU phase and a CUDA phase: the bar has both providers for smartSearch.
         prom.wait_for_query(seconds_per_job_bar(),
                             lambda rows: {"CPUExecutionProvider", "CUDAExecutionProvider"}
@@ -72,3 +73,7 @@ def test_every_panel_returns_data_in_demo_mode_and_the_bar_shows_cpu_slower_than
                 empty.append(f"{title} [{ref}]: {expr}")
         assert not empty, "panels without data:\n" + "\n".join(empty) + "\n" + exporter.logs()[-2000:]
         assert len(panel_targets()) >= 30
+        # The dashboard's Data panel says DEMO for this instance (and live for an instance that is not).
+        [data] = [e for title, _, e, _ in panel_targets() if title == "Data"]
+        assert [r["value"] for r in prom.query(data)] == [1]
+        assert [r["value"] for r in prom.query(data.replace('instance=~".*"', 'instance=~"elsewhere"'))] == [0]

@@ -107,6 +107,11 @@ OPTION_SETS = {
         webConfigFile = "/etc/immich-gpu-exporter/web config.yml";
       };""",
     "ipv6": 'services.immich-gpu-exporter = { enable = true; listenAddress = "::1"; };',
+    "server-role": """services.immich-gpu-exporter = {
+        enable = true; role = "server"; mlUrl = "http://gpu1.lan:3003"; mlFailoverUrls = [ "http://gpu2.lan:3003" ];
+        remoteMlExporterUrls = [ "http://gpu1.lan:10283/metrics" "http://gpu2.lan:10283/metrics" ];
+      };""",
+    "ml-role": 'services.immich-gpu-exporter = { enable = true; role = "ml"; };',
     "with-immich-port": "services.immich-gpu-exporter.enable = true; services.immich.enable = true; "
                         "services.immich.port = 3001;",
 }
@@ -136,6 +141,15 @@ def test_generated_flags_carry_the_options_through(tmp_path):
     assert "--web.config.file=/etc/immich-gpu-exporter/web config.yml" in exporter_argv(result)
     assert sc["ExecReload"].endswith("/bin/kill -HUP $MAINPID")  # systemctl reload re-reads the web config
     assert result["firewall"] == [9999]
+
+
+def test_roles_of_a_remote_ml_set_up_reach_the_exporter(tmp_path):
+    server = dry_run_values(dry_run(exporter_argv(evaluate(OPTION_SETS["server-role"]))[1:], tmp_path).stdout)
+    assert server["deployment.role"] == "'server'" and server["collector.immich"] == "True"
+    assert server["immich.ml-failover-url"] == "('http://gpu2.lan:3003',)"
+    assert server["remote-ml.exporter-url"] == "('http://gpu1.lan:10283/metrics', 'http://gpu2.lan:10283/metrics')"
+    ml = dry_run_values(dry_run(exporter_argv(evaluate(OPTION_SETS["ml-role"]))[1:], tmp_path).stdout)
+    assert ml["deployment.role"] == "'ml'" and ml["collector.immich"] == "False"
 
 
 def test_ipv6_listen_address_is_bracketed(tmp_path):

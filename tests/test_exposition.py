@@ -55,7 +55,8 @@ def snapshot_fixture() -> Snapshot:
     systemd = SourceState("systemd", False, None, 0.002, "cannot open the system bus", "no_bus",
                           MappingProxyType({"no_bus": 3}), cycles=3)
     return Snapshot(7, MappingProxyType({"nvml": nvml, "journal": journal, "systemd": systemd}),
-                    MappingProxyType({"version": "0.0.0-test", "python_version": "3.11.7"}))
+                    MappingProxyType({"version": "0.0.0-test", "python_version": "3.11.7",
+                                                      "mode": "live", "role": "all"}))
 
 
 def _golden(name: str, data: bytes) -> None:
@@ -110,7 +111,7 @@ def test_every_defined_metric_passes_promtool_naming_rules():
     samples = tuple(sample(d.name, 1, **{k: "x" for k in d.labels}) for d in metrics.METRICS.values()
                     if not d.name.startswith("immich_gpu_exporter_"))
     snap = Snapshot(1, MappingProxyType({"all": SourceState("all", True, 1.0, 0.1, samples=samples)}),
-                    MappingProxyType({"version": "t", "python_version": "3"}))
+                    MappingProxyType({"version": "t", "python_version": "3", "mode": "live", "role": "all"}))
     text = metrics.render(snap).text
     r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()

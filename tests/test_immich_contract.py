@@ -14,12 +14,12 @@ import json
 import pytest
 
 from immich_gpu_exporter.core import SourceDown
-from tests.support import immich_spec
+from tests.support import immich_spec, shared
 from tests.support.fake_immich import AUTH, FEATURES_V3, QUEUE_ADDED, FakeImmich, Key
 from tests.support.immich_source import make_source
 
 SPEC = immich_spec.load()
-pytestmark = pytest.mark.skipif(SPEC is None, reason=f"Immich OpenAPI spec not found at {immich_spec.SPEC_PATH}")
+pytestmark = shared.needs(immich_spec.SPEC_PATH)
 
 
 async def _cycles(fake: FakeImmich, n: int = 2, **kw) -> None:
@@ -49,6 +49,9 @@ async def tour() -> list[FakeImmich]:
     await scenario(FakeImmich(version=(3, 1, 0, None), with_queues_endpoint=False))
     await scenario(FakeImmich(keys={"user": Key(admin=False)}), key="user")
     await scenario(FakeImmich(keys={"jobs-only": Key(permissions=frozenset({"job.read"}))}), key="jobs-only")
+    config_key = Key(permissions=frozenset({"queue.read", "job.read", "systemConfig.read"}))
+    await scenario(FakeImmich(keys={"cfg": config_key}), key="cfg")
+    await scenario(FakeImmich(version=(1, 130, 3, None), keys={"cfg": config_key}), key="cfg")
     await scenario(FakeImmich(), key="wrong")
     await scenario(FakeImmich(), key=None)
     await scenario(FakeImmich(), lambda f: f.status.update({"/api/queues": 500}))
@@ -85,7 +88,7 @@ def test_every_request_of_the_client_follows_the_spec(fakes):
 def test_every_spec_response_of_the_fake_validates(fakes):
     checked = {r.path for f in fakes for r in f.responses if r.tag == "spec"}
     assert checked == {"/api/server/ping", "/api/server/version", "/api/server/features", "/api/queues",
-                       "/api/jobs"}
+                       "/api/jobs", "/api/system-config"}
     for f in fakes:
         for r in f.responses:
             if r.tag == "spec":

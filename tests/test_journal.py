@@ -11,13 +11,14 @@ import os
 import pathlib
 import shutil
 import signal
+import subprocess
 import sys
 
 import pytest
 
 from tests.support.exposition import parse, value
 from tests.support.journal import ML_UNIT, Clock, entries, fixture, write_journal
-from tests.support.proc import Exporter, run_cli, wait_for
+from tests.support.proc import ROOT, Exporter, exporter_env, run_cli, wait_for
 
 ONLY_JOURNAL = ["--no-collector.nvml", "--no-collector.systemd", "--no-collector.immich"]
 C29 = " " * 29
@@ -130,12 +131,51 @@ def test_no_journal_files_or_no_journalctl_is_source_down(jdir, tmp_path):
     assert v(m, "immich_gpu_exporter_source_errors_total", source="journal", reason="no_journalctl") == 1
 
 
-@pytest.mark.skipif(pathlib.Path("/run/systemd/system").exists() or any(
-    pathlib.Path(d).is_dir() and any(pathlib.Path(d).rglob("*.journal")) for d in ("/var/log/journal", "/run/log/journal")),
-    reason="this host has a system journal")
+def test_daemon_and_once_give_the_same_reason_for_a_missing_journalctl(jdir, tmp_path):
+    """The real cause (no journalctl) wins over its consequence (no journal files read), in both modes."""
+    missing = "--journal.journalctl=/nonexistent/journalctl"
+    m = once(jdir, tmp_path / "st", missing)
+    assert v(m, "immich_gpu_exporter_source_errors_total", source="journal", reason="no_journalctl") == 1
+    assert ("immich_gpu_exporter_source_errors_total", (("reason", "no_journal"), ("source", "journal"))) not in m
+    with Exporter([*ONLY_JOURNAL, f"--journal.directory={jdir}", f"--state.directory={tmp_path / 'st'}",
+                   missing]) as e:
+        reasons = {dict(labels)["reason"] for (name, labels), n in parse(e.metrics()).items()
+                   if name == "immich_gpu_exporter_source_errors_total" and n > 0}
+    assert reasons == {"no_journalctl"}
+
+
+def test_a_saved_state_without_a_cursor_is_not_announced_as_a_resume(jdir, tmp_path):
+    # the daemon saves its state at shutdown even when it read no entry: the cursor is then null
+    with exporter(jdir, tmp_path / "st", tmp_path / "log"):
+        pass
+    state = json.loads((tmp_path / "st" / "journal-state.json").read_text())
+    assert state["cursor"] is None
+    r = run_cli(["--once", *ONLY_JOURNAL, f"--journal.directory={jdir}", f"--state.directory={tmp_path / 'st'}"])
+    assert r.returncode == 0, r.stderr
+    assert "resuming after the persisted cursor" not in r.stderr + (tmp_path / "log").read_text()
+    write_journal(jdir / "x.journal", fixture("cuda_ok.export"))
+    with exporter(jdir, tmp_path / "st", tmp_path / "log") as e:
+        wait_for(lambda: total_entries(e) > 0, 10, what="entries read")
+    assert json.loads((tmp_path / "st" / "journal-state.json").read_text())["cursor"]
+    r = run_cli(["--once", *ONLY_JOURNAL, f"--journal.directory={jdir}", f"--state.directory={tmp_path / 'st'}"])
+    assert "resuming after the persisted cursor" in r.stderr  # a real cursor still is
+
+
+# A host without a system journal, also on a booted host that has one: the exporter runs in a private
+# mount namespace where empty tmpfs hide the system journal directories (journalctl's and ours).
+HIDE_SYSTEM_JOURNAL = r"""
+for d in /var/log/journal /run/log/journal; do [ -d "$d" ] && mount -t tmpfs -o mode=0755 tmpfs "$d"; done
+exec "$@"
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="hiding the system journal needs root (a private mount namespace)")
 def test_once_without_any_system_journal_reports_down(tmp_path):
-    r = run_cli(["--once", *ONLY_JOURNAL, f"--state.directory={tmp_path}"])
-    assert r.returncode == 0
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", HIDE_SYSTEM_JOURNAL, "sh",
+                        sys.executable, "-m", "immich_gpu_exporter", "--once", *ONLY_JOURNAL,
+                        f"--state.directory={tmp_path}"], env=exporter_env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
     assert v(parse(r.stdout), "immich_gpu_exporter_source_up", source="journal") == 0
     assert "no journal files" in r.stderr
 

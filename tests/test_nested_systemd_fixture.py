@@ -133,3 +133,77 @@ def test_teardown_leaves_no_process_mount_or_cgroup(tmp_path_factory: pytest.Tem
     assert not cgroup.exists() and not supervisor.exists()
     assert _host_fingerprint(base) == before
     stop_nested_systemd(ns)  # idempotent
+
+
+# --- inside a build chroot --------------------------------------------------------------------------
+# A chroot assembled from bind mounts of this host (usr, etc, var, dev, sys, the Python and the
+# checkout), in a private mount namespace so nothing reaches the host's mount table. Its root is a
+# plain directory on a tmpfs unless SELF_BIND=1 bind-mounts it onto itself (what the one-line
+# reason tells the user to do); /chroot-marker exists only in the chroot.
+CHROOT = r"""
+set -eu
+T=$1 SELF_BIND=$2 CODE=$3; shift 3
+mount -t tmpfs tmpfs "$T"
+R=$T/root
+mkdir "$R"
+[ "$SELF_BIND" = 1 ] && mount --bind "$R" "$R"
+for top in bin sbin lib lib32 lib64 libx32; do
+  if [ -L "/$top" ]; then ln -s "$(readlink "/$top")" "$R/$top"; elif [ -d "/$top" ]; then mkdir "$R/$top"; mount --rbind "/$top" "$R/$top"; fi
+done
+for d in /usr /etc /var /dev /sys "$@"; do mkdir -p "$R$d"; mount --rbind "$d" "$R$d"; done
+mkdir -p "$R/proc" "$R/run" "$R/tmp"
+chmod 1777 "$R/tmp"
+mount -t proc proc "$R/proc"
+echo chroot > "$R/chroot-marker"
+exec chroot "$R" /bin/sh -c 'cd "$0" && exec "$1" -c "$2"' "$PWD" "$PYTHON" "$CODE"
+"""
+
+
+def _in_chroot(tmp_path: pathlib.Path, self_bind: bool, code: str, *binds: pathlib.Path) -> dict:
+    import sys
+
+    from tests.support.proc import ROOT
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    prefix = pathlib.Path(sys.base_prefix).resolve()
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", CHROOT, "chroot",
+                        str(mnt), "1" if self_bind else "0", code, str(ROOT), str(prefix), *map(str, binds)],
+                       cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_in_a_chroot_whose_root_is_not_a_mount_point_the_reason_says_so(tmp_path: pathlib.Path) -> None:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    code = ("import json; from tests.support.nested_systemd import unavailable_reason as u; "
+            "print(json.dumps({'reason': u()}))")
+    reason = _in_chroot(tmp_path, False, code)["reason"]
+    assert reason.startswith("/ is not a mount point") and "\n" not in reason
+
+
+def test_in_a_chroot_with_a_mounted_root_the_fixture_runs_commands_inside_the_chroot(
+        tmp_path: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """nsenter -r -w: without them a command entered into the namespace runs at the mount
+    namespace's root, outside the chroot, and would not see /chroot-marker."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("nsd")
+    code = f"""
+import json, pathlib
+from tests.support.nested_systemd import start_nested_systemd, stop_nested_systemd, unavailable_reason
+out = {{"reason": unavailable_reason()}}
+ns = start_nested_systemd(pathlib.Path({str(base)!r}), {{"hello.service": {HELLO!r}}}, target_wants=["hello.service"])
+try:
+    out["marker"] = ns.run("cat", "/chroot-marker").stdout.strip()
+    out["hello"] = ns.unit_property("hello.service", "ActiveState")
+finally:
+    stop_nested_systemd(ns)
+print(json.dumps(out))
+"""
+    out = _in_chroot(tmp_path, True, code, base)
+    assert out == {"reason": None, "marker": "chroot", "hello": "active"}

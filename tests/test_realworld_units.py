@@ -147,7 +147,7 @@ def test_not_found_unit_as_pystemd_returns_it():
                                                  ActiveEnterTimestamp=0), {})
     g = got(r)
     assert set(g) == {"immich_unit_state", "immich_unit_info"}
-    assert unit_facts([r]) == {"unit_pids": {}, "control_groups": {}}
+    assert unit_facts([r]) == {"unit_pids": {}, "control_groups": {}, "unit_environment": {}}
 
 
 def test_template_instance_with_escaped_name():

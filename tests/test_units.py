@@ -73,7 +73,8 @@ def test_not_found_unit_has_state_and_info_but_no_tuning() -> None:
     assert set(got) == {"immich_unit_state", "immich_unit_info"}
     assert dict((lab["state"], v) for lab, v in got["immich_unit_state"])["inactive"] == 1
     assert got["immich_unit_info"][0][0]["load_state"] == "not-found"
-    assert unit_facts([UnitReading("nope.service", NOT_FOUND_UNIT, {})]) == {"unit_pids": {}, "control_groups": {}}
+    assert unit_facts([UnitReading("nope.service", NOT_FOUND_UNIT, {})]) == {"unit_pids": {}, "control_groups": {},
+                                                                         "unit_environment": {}}
 
 
 def test_newer_active_state_gets_its_own_series_and_the_six_stay_zero() -> None:
@@ -88,14 +89,17 @@ def test_unit_without_type_properties_gets_no_service_metrics() -> None:
     assert set(got) == {"immich_unit_state", "immich_unit_info", "immich_unit_active_enter_timestamp_seconds"}
 
 
-def test_facts_hold_pids_and_control_groups() -> None:
-    r = UnitReading(ML, LOADED_UNIT, LOADED_SERVICE, (101, 102))
+def test_facts_hold_pids_control_groups_and_environment_settings() -> None:
+    r = UnitReading(ML, LOADED_UNIT, dict(LOADED_SERVICE, Environment=["PYTHONUNBUFFERED=1", "COLUMNS=250"],
+                                          EnvironmentFiles=[("/etc/immich/ml.env", True)]), (101, 102))
     stopped = UnitReading("immich-server.service", dict(LOADED_UNIT, ActiveState="inactive"),
                           dict(LOADED_SERVICE, ControlGroup=""), ())
-    assert unit_facts([r, stopped]) == {
-        "unit_pids": {ML: (101, 102), "immich-server.service": ()},
-        "control_groups": {ML: "/system.slice/immich-machine-learning.service"},
-    }
+    facts = unit_facts([r, stopped])
+    assert facts["unit_pids"] == {ML: (101, 102), "immich-server.service": ()}
+    assert facts["control_groups"] == {ML: "/system.slice/immich-machine-learning.service"}
+    # for `check`'s environment advice only (never exported: units keep database passwords there)
+    assert facts["unit_environment"][ML] == {"Environment": ("PYTHONUNBUFFERED=1", "COLUMNS=250"),
+                                             "EnvironmentFiles": (("/etc/immich/ml.env", True),)}
 
 
 @pytest.mark.parametrize("policy,allow,private,expected", [

@@ -20,7 +20,10 @@ let
       "--web.listen-address=${listenHost}:${toString cfg.port}"
       "--immich.url=${cfg.immichUrl}"
       "--immich.ml-url=${cfg.mlUrl}"
+      "--deployment.role=${cfg.role}"
     ]
+    ++ map (u: "--immich.ml-failover-url=${u}") cfg.mlFailoverUrls
+    ++ map (u: "--remote-ml.exporter-url=${u}") cfg.remoteMlExporterUrls
     ++ map (u: "--systemd.unit=${u}") cfg.units
     ++ map (u: "--journal.unit=${u}") cfg.journalUnits
     ++ map (c: if cfg.collectors.${c} then "--collector.${c}" else "--no-collector.${c}") collectorNames
@@ -109,6 +112,35 @@ in
       description = "URL of the Immich machine-learning service.";
     };
 
+    role = mkOption {
+      type = types.enum [ "all" "ml" "server" ];
+      default = "all";
+      description = ''
+        What this host runs when the ML service is on another machine (Immich's remote machine
+        learning; docs/remote-ml.md): "all" (server and ML here), "ml" (the GPU host: the Immich API
+        collector is off by default), "server" (the server host: the provider that labels seconds per
+        job comes from the ML host's exporter, remoteMlExporterUrls). Give both hosts' scrape targets
+        the same `immich` label in Prometheus.
+      '';
+    };
+
+    mlFailoverUrls = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "http://gpu2.lan:3003" ];
+      description = "Further ML URLs, in the order of Immich's machineLearning.urls list after mlUrl.";
+    };
+
+    remoteMlExporterUrls = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "http://gpu.lan:10283/metrics" ];
+      description = ''
+        /metrics URL of the exporter on each ML host (role "server"), in the order of mlUrl and
+        mlFailoverUrls; one URL serves all of them when there is one ML host.
+      '';
+    };
+
     apiKeyFile = mkOption {
       type = types.nullOr types.str;
       default = null;
@@ -138,7 +170,10 @@ in
       nvml = collectorOption "NVML" "GPU memory and use per Immich process";
       systemd = collectorOption "systemd" "unit states and tuning over D-Bus";
       journal = collectorOption "journal" "ML execution provider and CPU fallback from the ML unit's journal";
-      immich = collectorOption "Immich API" "job-queue backlogs and timings";
+      immich = collectorOption "Immich API" "job-queue backlogs and timings" // {
+        default = cfg.role != "ml";
+        defaultText = lib.literalExpression ''config.services.immich-gpu-exporter.role != "ml"'';
+      };
     };
 
     extraGroups = mkOption {

@@ -15,6 +15,7 @@ SOURCES = {
     "systemd": ("immich_gpu_exporter.sources.systemd", "SystemdSource"),
     "journal": ("immich_gpu_exporter.sources.journal", "JournalSource"),
     "immich": ("immich_gpu_exporter.sources.immich", "ImmichSource"),
+    "remote": ("immich_gpu_exporter.sources.remote", "RemoteSource"),
 }
 
 
@@ -24,4 +25,5 @@ def create(name: str, config: "Config", hub: "Hub") -> "Source":
 
 
 def enabled(config: "Config") -> list[str]:
-    return [n for n in SOURCES if config[f"collector.{n}"]]
+    # The remote source exists only where there is a remote ML host to ask (role server).
+    return [n for n in SOURCES if config[f"collector.{n}"] and (n != "remote" or config["remote-ml.exporter-url"])]

@@ -34,6 +34,17 @@ class Hub:
         return snap.facts(source) if snap is not None else EMPTY
 
 
+def provider_in_force(hub: Hub) -> str | None:
+    """The ML execution provider in force now: this host's journal verdict, else the verdict of the
+    remote ML host that serves the work (docs/remote-ml.md). Everything labelled "by provider"
+    (seconds per job, ML CPU seconds, ML call latency) takes it from here."""
+    for source in ("journal", "remote"):
+        p = hub.facts(source).get("effective_provider")
+        if isinstance(p, str) and p:
+            return p
+    return None
+
+
 class Source:
     name: ClassVar[str] = ""
 

@@ -4,7 +4,9 @@ A thin I/O loop. Each cycle: `GET /api/server/ping` and the ML service's `GET /p
 if the server answered, `/api/server/version`, `/api/server/features` (no auth; all three under
 `/api/server-info` on servers before v1.113, found by a 404 on the ping), the queues
 (`/api/queues`, or the deprecated `/api/jobs` on servers older than v2.4 or when the key only
-has `job.read`) and, when configured, Immich's telemetry, all concurrently. Decoding lives in
+has `job.read`), the configured video acceleration (`/api/system-config`, at most once a minute,
+only its two ffmpeg keys kept: the answer also holds secrets) and, when configured, Immich's
+telemetry, all concurrently. Decoding lives in
 `immich_api`, timing in `timings`; this module only moves bytes and keeps the key secret.
 
 What "source up" means: the exporter could ask the Immich server and got an authorised answer.
@@ -27,15 +29,17 @@ from typing import Any
 
 import aiohttp
 
-from .. import immich_api as api
-from .. import logs
+from .. import immich_api as api, logs, remote
 from ..config import redact_url
 from ..files import problem_text, read_small
 from ..core import CollectResult, Sample, SourceDown, sample
 from ..timings import METHOD_BACKLOG, METHOD_TELEMETRY, Observation, QueueTimings
-from .base import Source
+from .base import Source, provider_in_force
 
 log = logging.getLogger("immich_gpu_exporter.immich")
+ACCEL_REFRESH = 60.0  # seconds between reads of the configured acceleration (it changes rarely)
+ACCEL_RETRY = 15.0  # after a failed read
+ACCEL_FORBIDDEN_RETRY = 3600.0  # after a 403: the key may get the permission later
 
 
 class _Failed(Exception):
@@ -58,6 +62,8 @@ class ImmichSource(Source):
         self._session: aiohttp.ClientSession | None = None
         self._url = config["immich.url"]
         self._ml_url = config["immich.ml-url"]
+        # Immich's machineLearning.urls, in its order: it sends work to the first healthy one
+        self._ml_urls = [self._ml_url, *[u for u in config["immich.ml-failover-url"] if u != self._ml_url]]
         tele = config["immich.telemetry-url"]
         if tele and "/" not in tele.split("://", 1)[1]:
             tele += "/metrics"
@@ -70,6 +76,9 @@ class ImmichSource(Source):
         self._server_base = api.SERVER_BASE  # /api/server-info on servers before v1.113
         self._logged: set[str] = set()
         self._key_mode_warned = False
+        # configured video acceleration: the last decoded value and when to ask again
+        self._accel: api.ConfiguredAcceleration | None = None
+        self._accel_due = 0.0
 
     # -- knobs -----------------------------------------------------------------------------------
     @property
@@ -159,27 +168,35 @@ class ImmichSource(Source):
         errors: list[str] = []
         samples: list[Sample] = []
 
-        ping, ml, version = await asyncio.gather(
+        ping, version, *mls = await asyncio.gather(
             self._get(self._url + self._server_base + "/ping"),
-            self._get(self._ml_url + "/ping", prefix="ml_", want_json=False),
             # The version decides which queue endpoint to ask and what a refused key needs.
             self._get(self._url + self._server_base + "/version"),
+            *(self._get(u + "/ping", prefix="ml_", want_json=False) for u in self._ml_urls),
             return_exceptions=True,
         )
-        for r in (ping, ml, version):
+        for r in (ping, version, *mls):
             if isinstance(r, BaseException) and not isinstance(r, _Failed):
                 raise r
         if isinstance(ping, _Failed) and ping.status == 404:
             ping, version = await self._other_server_base(ping, version)
         server_up = not isinstance(ping, BaseException) and api.decode_ping(ping)
-        ml_up = not isinstance(ml, BaseException) and api.decode_ml_ping(ml)
-        for r in (ping, ml):
+        health = [not isinstance(ml, BaseException) and api.decode_ml_ping(ml) for ml in mls]
+        ml_up = any(health)
+        for r in (ping, *mls):
             if isinstance(r, _Failed):
                 errors.append(r.reason)
         if not isinstance(ping, BaseException) and not server_up:
             errors.append("bad_json")
         samples.append(sample("immich_server_up", 1 if server_up else 0))
         samples.append(sample("immich_ml_up", 1 if ml_up else 0))
+        # Immich's log does not say which URL served a request: inferred as Immich picks, the first
+        # healthy URL of its list (docs/remote-ml.md)
+        serving = remote.serving_index(health)
+        for i, (u, ok) in enumerate(zip(self._ml_urls, health)):
+            samples.append(sample("immich_ml_url_up", 1 if ok else 0, url=remote.host_label(u)))
+            samples.append(sample("immich_ml_serving", 1 if i == serving else 0, url=remote.host_label(u)))
+        facts: dict[str, Any] = {"ml_url_health": tuple(health)}
 
         observation: Observation | None = None
         if server_up:
@@ -191,7 +208,9 @@ class ImmichSource(Source):
             samples.extend(self._timing_samples(fresh=observation is not None))
         if isinstance(ping, _Failed):
             raise SourceDown(ping.reason, str(ping), tuple(samples))
-        return CollectResult(tuple(samples), errors=tuple(errors))
+        if self._accel is not None:
+            facts["transcode_configured"] = {"accel": self._accel.accel, "decode": self._accel.decode}
+        return CollectResult(tuple(samples), facts, errors=tuple(errors))
 
     async def _other_server_base(self, ping: _Failed, version: Any) -> tuple[Any, Any]:
         """The ping is 404: a server before v1.113 (/api/server-info), or one upgraded past it."""
@@ -224,16 +243,24 @@ class ImmichSource(Source):
 
     async def _collect_server(self, key: str | None, samples: list[Sample], errors: list[str]) -> Observation | None:
         jobs = [self._get(self._url + self._server_base + "/features")]
+        ask_config = key is not None and self._clock() >= self._accel_due
         if key is not None:
             jobs.append(self._queues(key))
             if self._telemetry_url:
                 jobs.append(self._get(self._telemetry_url, prefix="telemetry_", want_json=False))
+            if ask_config:
+                jobs.append(self._configured_acceleration(key))
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for r in results:
             if isinstance(r, SourceDown):
                 raise r
             if isinstance(r, BaseException) and not isinstance(r, (_Failed, api.BadAnswer)):
                 raise r
+        if ask_config:
+            self._accel_result(results[-1], errors)
+        if self._accel is not None:
+            samples.append(sample("immich_transcode_configured_info", 1, accel=self._accel.accel,
+                                  decode=self._accel.decode))
         features = results[0]
         if isinstance(features, _Failed):
             errors.append(features.reason)
@@ -271,9 +298,45 @@ class ImmichSource(Source):
                                "telemetry job names without a known queue (ignored): %s",
                                ", ".join(sorted(parsed.unmapped)))
                 telemetry = parsed.by_queue()
-        provider = self.hub.facts("journal").get("effective_provider")
-        return Observation(at, {q.name: q for q in decoded.queues}, telemetry,
-                           provider if isinstance(provider, str) else None)
+        return Observation(at, {q.name: q for q in decoded.queues}, telemetry, provider_in_force(self.hub))
+
+    async def _configured_acceleration(self, key: str) -> api.ConfiguredAcceleration | None:
+        """ffmpeg.accel/accelDecode from /api/system-config; None if the key may not read it.
+
+        The answer holds secrets (OAuth client secret, SMTP password): it is decoded at once, only
+        the two ffmpeg keys are kept, and neither it nor its size is logged."""
+        try:
+            body = await self._get(self._url + api.SYSTEM_CONFIG_PATH, key, prefix="system_config_")
+        except _Failed as e:
+            if e.status == 403:
+                return None
+            raise
+        try:
+            return api.decode_ffmpeg_acceleration(body)
+        finally:
+            del body
+
+    def _accel_result(self, r: Any, errors: list[str]) -> None:
+        now = self._clock()
+        if isinstance(r, _Failed):
+            errors.append(r.reason)
+            self._accel_due = now + ACCEL_RETRY
+        elif isinstance(r, api.BadAnswer):
+            errors.append("system_config_bad_json")
+            self._accel_due = now + ACCEL_RETRY
+        elif r is None:
+            self._accel = None
+            self._accel_due = now + ACCEL_FORBIDDEN_RETRY
+            self._once("system_config_403", logging.INFO,
+                       "the API key lacks %s: the configured video acceleration is unknown, the transcoding "
+                       "metrics come from the server log alone (docs/transcode.md)", api.SYSTEM_CONFIG_PERMISSION)
+        else:
+            self._accel = r
+            self._accel_due = now + ACCEL_REFRESH
+
+    @property
+    def configured_acceleration(self) -> api.ConfiguredAcceleration | None:
+        return self._accel
 
     async def _queues(self, key: str) -> api.Decoded:
         path = self._queue_path or api.preferred_queue_path(self._version)

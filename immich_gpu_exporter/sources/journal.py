@@ -35,7 +35,8 @@ from typing import Any, Callable
 
 from ..core import CollectResult, SourceDown, sample
 from ..files import problem_text, read_small
-from ..mllog import MLState, Parser, field_text, message_text, strip_ansi
+from ..mllog import MLState, Parser, event_time, field_text, message_text, strip_ansi
+from ..transcode import TranscodeState
 from .base import Source
 
 log = logging.getLogger("immich_gpu_exporter.journal")
@@ -184,6 +185,7 @@ STATE_SHAPE: dict[str, Any] = {
     "cursor": (str, type(None)),
     "parser": dict,
     "ml": dict,
+    "transcode": dict,
 }
 ML_SHAPE: dict[str, Any] = {
     "boots": int, "providers_seen": list, "units_seen": list, "preferred": (str, type(None)),
@@ -236,6 +238,7 @@ class JournalSource(Source):
         self.directory = config["journal.directory"]
         self.parser = Parser(self.server_units, self.server_containers)
         self.ml = MLState(float(config["journal.fallback-grace"]))
+        self.transcode = TranscodeState(int(config["journal.transcode-window"]))
         self.cursor: str | None = None
         self.entries_read = 0
         self._state_dir = state_directory(config["state.directory"])
@@ -290,8 +293,10 @@ class JournalSource(Source):
                 raise ValueError(problem)
             self.parser.load(data.get("parser") or {})
             self.ml.load(data.get("ml") or {})
+            self.transcode.load(data.get("transcode") or {})
             self.cursor = data.get("cursor") or None
-            log.info("journal: resuming after the persisted cursor (%s)", path)
+            if self.cursor is not None:  # a state saved before any entry was read has none to resume after
+                log.info("journal: resuming after the persisted cursor (%s)", path)
         except FileNotFoundError:
             pass
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
@@ -310,6 +315,7 @@ class JournalSource(Source):
 
     def _reset(self) -> None:
         self.parser, self.ml = Parser(self.server_units, self.server_containers), MLState(self.ml.grace)
+        self.transcode = TranscodeState(self.transcode.window)
         self.cursor = None
 
     def _open_state_dir(self) -> None:
@@ -327,7 +333,8 @@ class JournalSource(Source):
 
     def _serialise(self) -> str:
         return json.dumps({"version": STATE_VERSION, "cursor": self.cursor, "parser": self.parser.dump(),
-                           "ml": self.ml.dump(), "saved_at": time.time()}, separators=(",", ":"))
+                           "ml": self.ml.dump(), "transcode": self.transcode.dump(), "saved_at": time.time()},
+                          separators=(",", ":"))
 
     async def _persist(self, force: bool = False) -> None:
         if self._state_path is None or not self._dirty or self._persisting:
@@ -362,7 +369,7 @@ class JournalSource(Source):
             for line in lines:
                 self.apply_line(line)
             return
-        feed, apply, units = self.parser.feed, self.ml.apply, self._trusted_units
+        feed, apply, server, units = self.parser.feed, self.ml.apply, self._server_line, self._trusted_units
         for entry in batch:
             if not trusted(entry, units):
                 self.dropped["untrusted"] = self.dropped.get("untrusted", 0) + 1
@@ -370,6 +377,7 @@ class JournalSource(Source):
             bound_message(entry)
             for ev in feed(entry):
                 apply(ev)
+            server(entry)
         if batch:
             c = batch[-1].get("__CURSOR")
             if c:
@@ -387,12 +395,19 @@ class JournalSource(Source):
             bound_message(entry)
             for ev in self.parser.feed(entry):
                 apply(ev)
+            self._server_line(entry)
         else:
             self.dropped["untrusted"] = self.dropped.get("untrusted", 0) + 1
         c = entry.get("__CURSOR")
         if c:
             self.cursor = c
         self.entries_read += 1
+
+    def _server_line(self, entry: dict[str, Any]) -> None:
+        """The server's video transcoding lines (transcode.py); the ML parser ignores them."""
+        if not self._is_ml(entry):
+            ts = event_time(entry.get("__REALTIME_TIMESTAMP")) or 0.0
+            self.transcode.feed_line(message_text(entry.get("MESSAGE")), ts)
 
     def flush(self) -> bool:
         self._flush_handle = None
@@ -581,6 +596,7 @@ class JournalSource(Source):
         while True:
             before = self.entries_read
             try:
+                self._exe()  # no journalctl is the cause to report, also where there are no journal files
                 missing = find_journal_files(self.directory)
                 if missing is not None:
                     raise missing
@@ -590,8 +606,10 @@ class JournalSource(Source):
                         self._on_chunk()
                     if rc != 0 or stderr_down(err):
                         raise _Failed(rc, err)
-                args = self.base_args() + ["--follow"]
-                args += [f"--after-cursor={self.cursor}"] if self.cursor else ["--lines=all"]
+                # --lines=all always: --follow alone implies --lines=10, and journalctl applies that
+                # after --after-cursor too, so a resume with more than ten new entries lost the rest
+                args = self.base_args() + ["--follow", "--lines=all"]
+                args += [f"--after-cursor={self.cursor}"] if self.cursor else []
                 rc, err = await self.pump(args + self.matches(), self._on_chunk)
                 raise _Failed(rc, err)
             except asyncio.CancelledError:
@@ -644,7 +662,8 @@ class JournalSource(Source):
                        for r in ("untrusted", "oversized"))
         samples.extend(sample("immich_gpu_exporter_journal_labels_dropped_total", n, label=label)
                        for label, n in sorted(getattr(self.ml, "labels_dropped", {}).items()))
-        return CollectResult(tuple(samples), self.ml.facts())
+        return CollectResult(tuple(samples) + tuple(self.transcode.samples()),
+                             {**self.ml.facts(), **self.transcode.facts()})
 
     async def _read_window(self) -> None:
         self._load_state()

@@ -24,6 +24,7 @@ import time
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import attribution as attr
+from ..docker_api import DockerClient
 from ..core import CollectResult, Sample, SourceDown, sample
 from .base import BlockingWorker, Source
 
@@ -426,7 +427,7 @@ class NvmlSource(Source):
         self._backoff = self._base_backoff
         self.patterns = {"ml": tuple(config["component.ml"]), "server": tuple(config["component.server"])}
         self._table = attr.ProcessTable(config["proc.root"])
-        self._docker = attr.DockerNames(config["docker.socket"])
+        self._docker = DockerClient(config["docker.socket"])
         self._tracker = UtilTracker(hold=max(3 * self.interval, 15.0))
         self._cpu = CpuTotals()
         self._mounts: dict[str, str] | None = None
@@ -519,7 +520,7 @@ class NvmlSource(Source):
                      if attr.component_of(self.patterns, u) != attr.OTHER}
         reading, infos = await self._worker.call(self._read_gpus)
         ids = {i.placement.container_id for i in infos.values() if i is not None and i.placement.container_id}
-        names = await self._docker.resolve(ids) if ids else {}
+        names = await self._docker.names(ids) if ids else {}
         self._docker.forget_except(ids)
 
         def view(pid: int, info: attr.ProcessInfo | None) -> ProcView:

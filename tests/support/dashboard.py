@@ -23,10 +23,11 @@ def panels(dash: dict | None = None) -> list[dict]:
     return out
 
 
-def substitute(expr: str, instance: str = ".*", gpu: str = ".*", range_: str = "5m", rate: str = "1m") -> str:
+def substitute(expr: str, instance: str = ".*", gpu: str = ".*", range_: str = "5m", rate: str = "1m",
+               immich: str = ".*") -> str:
     """Grafana's variables and built-ins as Grafana would expand them for a query."""
     expr = expr.replace("$__rate_interval", rate).replace("$__range", range_).replace("$__interval", "15s")
-    expr = expr.replace("$instance", instance).replace("$gpu", gpu)
+    expr = expr.replace("$immich", immich).replace("$instance", instance).replace("$gpu", gpu)
     assert "$" not in re.sub(r'"\$\d"', "", expr), f"unsubstituted variable in {expr}"
     return expr
 

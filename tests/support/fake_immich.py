@@ -25,6 +25,7 @@ import bisect
 import dataclasses
 import heapq
 import json
+import pathlib
 import threading
 import time
 import uuid
@@ -63,7 +64,13 @@ AUTH = {
     "/api/server/features": (False, False, None),
     "/api/queues": (True, True, "queue.read"),
     "/api/jobs": (True, True, "job.read"),
+    "/api/system-config": (True, True, "systemConfig.read"),
 }
+# Only the queue endpoints lacked their own permission before v1.137 (systemConfig.read is older).
+ALL_BEFORE_1_137 = frozenset({"/api/queues", "/api/jobs"})
+# A synthetic SystemConfigDto with planted secrets (tests/fixtures/immich/make_system_config.py).
+SYSTEM_CONFIG = json.loads((pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "immich"
+                            / "system-config-v3.1.0.json").read_text())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +90,8 @@ class QueueSim:
 
     def __init__(self, name: str, *, concurrency: int, arrivals: Iterable[float],
                  job_seconds: Mapping[str, float] | float, provider_at: Callable[[float], str] = lambda t: "",
-                 failed: int = 0) -> None:
+                 failed: int = 0, pause: tuple[float, float] | None = None) -> None:
+        # pause: (from, to) in which no job starts (the ML service restarting, e.g. to switch to CUDA)
         self.name = name
         self.concurrency = concurrency
         self.failed = failed
@@ -92,6 +100,8 @@ class QueueSim:
         jobs = []
         for a in sorted(arrivals):
             start = max(a, heapq.heappop(free))
+            if pause is not None and pause[0] <= start < pause[1]:
+                start = pause[1]
             p = provider_at(start)
             end = start + (per[p] if per is not None else float(job_seconds))  # type: ignore[arg-type]
             heapq.heappush(free, end)
@@ -174,7 +184,9 @@ class FakeImmich:
         self.extra_queues: dict[str, dict[str, int]] = {}  # names a newer release would add
         self.broken_entries: set[str] = set()  # queue names whose entry loses a required field
         self.ml_up = True
+        self.features_off: set[str] = set()  # features /api/server/features reports disabled
         self.ml_ping_json = False  # the older ML app answered the JSON string "pong"
+        self.ffmpeg_accel = ("nvenc", True)  # ffmpeg.accel, ffmpeg.accelDecode of /api/system-config
         self.telemetry_offset: dict[str, int] = {}  # counters restart from 0 after a restart
         self.requests: list[Recorded] = []
         self.responses: list[Response] = []
@@ -271,7 +283,7 @@ class FakeImmich:
                 return self._error(401, "Invalid API key", "Unauthorized"), "error"
             if admin_only and not key.admin:
                 return self._error(403, "Forbidden", "Forbidden"), "error"
-            needed = "all" if not self._v(1, 137) else perm
+            needed = "all" if not self._v(1, 137) and path in ALL_BEFORE_1_137 else perm
             if needed not in key.permissions and "all" not in key.permissions:
                 return self._error(403, f"Missing required permission: {needed}", "Forbidden"), "error"
         if path in self.garbage:
@@ -286,8 +298,11 @@ class FakeImmich:
                 body["prerelease"] = self.version[3]
             else:
                 tag = "older_version"
+        elif path == "/api/system-config":
+            body = json.loads(json.dumps(SYSTEM_CONFIG))
+            body["ffmpeg"]["accel"], body["ffmpeg"]["accelDecode"] = self.ffmpeg_accel
         elif path == "/api/server/features":
-            body = {f: True for f in FEATURES_V3 if (f != "ocr" or self._v(2, 2))
+            body = {f: f not in self.features_off for f in FEATURES_V3 if (f != "ocr" or self._v(2, 2))
                     and (f != "realtimeTranscoding" or self._v(3, 0))}
             if not self._v(3, 0):
                 tag = "older_version"

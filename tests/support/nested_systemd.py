@@ -55,6 +55,7 @@ __all__ = [
     "NestedSystemd",
     "NestedSystemdUnavailable",
     "unavailable_reason",
+    "root_is_mount_point",
     "cgroup2_mountpoint",
     "start_nested_systemd",
     "stop_nested_systemd",
@@ -158,10 +159,29 @@ def cgroup2_mountpoint() -> pathlib.Path | None:
     return None
 
 
+def root_is_mount_point() -> bool | None:
+    """Whether / is a mount point of this process's view (None: /proc is not mounted).
+
+    Not so in a chroot into a plain directory: mountinfo then lists no mount at "/", and
+    `unshare --mount` fails with "cannot change root filesystem propagation" (the kernel refuses
+    MS_PRIVATE on a path that is not a mount point)."""
+    try:
+        lines = pathlib.Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return any(line.split()[4] == "/" for line in lines)
+
+
 def unavailable_reason() -> str | None:
-    """Why the fixture cannot run here, or None if it can."""
+    """Why the fixture cannot run here, in one line, or None if it can."""
     if os.geteuid() != 0:
         return "nested systemd needs root"
+    root_mounted = root_is_mount_point()
+    if root_mounted is None:
+        return "nested systemd needs /proc mounted (/proc/self/mountinfo is unreadable)"
+    if not root_mounted:
+        return ("/ is not a mount point (a chroot into a plain directory?): unshare cannot make its mounts "
+                "private; bind-mount the chroot directory onto itself before entering it")
     if cgroup2_mountpoint() is None:
         return "nested systemd needs a cgroup2 mount"
     for tool in ("unshare", "nsenter", "busctl", "dbus-daemon", "bash"):
@@ -306,7 +326,10 @@ class NestedSystemd:
     def run(self, *cmd: str, check: bool = False, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """Run a command inside the namespaces (systemctl, journalctl, busctl, ...)."""
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "LANG": "C.UTF-8"}
-        return subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-u", "-i", "-C", "--", *cmd],
+        # -r -w: the root and working directory of the nested PID 1, not those of the mount namespace's
+        # root: inside a chroot, entering the mount namespace alone lands outside the chroot.
+        return subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-u", "-i", "-C", "-r", "-w", "--",
+                               *cmd],
                               capture_output=True, text=True, timeout=timeout, env=env, check=check)
 
     def add_unit(self, name: str, text: str, reload: bool = True) -> pathlib.Path:

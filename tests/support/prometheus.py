@@ -40,6 +40,7 @@ class Prometheus:
                  *, scrape_interval: str = "1s", evaluation_interval: str = "1s",
                  rule_files: Sequence[pathlib.Path | str] = (), alertmanager_url: str | None = None,
                  metrics_path: str = "/metrics", extra_args: Sequence[str] = (),
+                 target_labels: Mapping[str, Mapping[str, str]] | None = None,
                  job_settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.dir = pathlib.Path(workdir) / f"prometheus-{free_port()}"
         self.dir.mkdir(parents=True)
@@ -54,6 +55,7 @@ class Prometheus:
         self.metrics_path = metrics_path
         self.extra_args = list(extra_args)
         self.job_settings = dict(job_settings or {})  # per job: scheme, tls_config, basic_auth...
+        self.target_labels = {job: dict(v) for job, v in (target_labels or {}).items()}  # job -> static labels
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "prometheus.log"
 
@@ -62,7 +64,9 @@ class Prometheus:
         cfg: dict[str, Any] = {
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.evaluation_interval},
             "scrape_configs": [
-                {"job_name": job, "metrics_path": self.metrics_path, "static_configs": [{"targets": t}],
+                {"job_name": job, "metrics_path": self.metrics_path,
+                 "static_configs": [{"targets": t, **({"labels": self.target_labels[job]}
+                                                      if job in self.target_labels else {})}],
                  **self.job_settings.get(job, {})}
                 for job, t in self.targets.items()
             ],
