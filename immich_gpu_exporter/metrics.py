@@ -117,6 +117,9 @@ _DEFS: list[MetricDef] = [
     _m("immich_gpu_exporter_journal_labels_dropped_total", "counter",
        "Label values from the journal exposed as \"other\" because their label reached its cardinality cap.",
        ("label",), "exporter"),
+    _m("immich_gpu_exporter_immich_labels_dropped_total", "counter",
+       "Queue names (label=queue) or telemetry job names (label=job) from the Immich API left out because "
+       "their cardinality cap was reached (known Immich names always count).", ("label",), "exporter"),
     _m("immich_ml_last_provider_change_timestamp_seconds", "gauge",
        "Unix time the effective execution provider last changed.", (), "journal"),
     # --- journal / server: video transcoding (transcode.py, docs/transcode.md) ------------------
