@@ -232,7 +232,7 @@ BENIGN_PATTERNS: tuple[str, ...] = (
     r"^OpenVINO: Using GPU device", r"^Exception in ASGI application", r"^Listening at: ", r"^Using worker: ",
     r"^Handling signal: ", r"^Reason: ", r"^Worker failed to boot", r"^App failed to load", r"^Started server process",
     r"^Waiting for application (?:startup|shutdown)", r"^Application (?:startup|shutdown) complete", r"^Shutting down$",
-    r"^Finished server process", r"^Control socket", r"^\d+\.\d+\.\d+\.\d+:\d+ - \"", r"^\[?[\w:.]*\]?:?\d* - \"",
+    r"^Finished server process", r"^Control socket", r"^\d+\.\d+\.\d+\.\d+:\d+ - \"", r"^\[?[\w:.]*+\]?:?\d* - \"",  # *+: possessive, else quadratic on a long run of digits
     r"^Traceback \(most recent call last\)", r"^File \"", r"^\s", r"^[╭╰│]", r"^\w+(?:\.\w+)*(?:Error|Exception|Fail|Warning): ",
     r"^warnings\.warn", r"^\S+\.py:\d+: \w*Warning: ", r"^\[OpenVINO-EP\]", r"^MIGraphX", r"^The above exception", r"^During handling of the above",
     r"^\[Nest\] ", r"^$",
