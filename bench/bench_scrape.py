@@ -1,9 +1,13 @@
-"""/metrics latency and throughput: immich-gpu-exporter vs node_exporter, side by side.
+"""/metrics latency and throughput: immich-gpu-exporter vs node_exporter and vs the bare-bytes floor.
 
-Both run on loopback in the same run; wrk (one thread, one connection, keep-alive) drives each
+All three run on loopback in the same run; wrk (one thread, one connection, keep-alive) drives each
 for the same duration, with and without `Accept-Encoding: gzip` (what Prometheus sends).
 Our exporter serves >= 1,000 series from a synthetic source that changes every second, through
-the real daemon, renderer and aiohttp app. Prints a Markdown table for BENCHMARKS.md.
+the real daemon, renderer and aiohttp app: a scrape reads bytes rendered when the values changed.
+node_exporter collects at scrape time, so the two answer different questions at a scrape; the
+second peer, the floor, is an aiohttp app serving our very body from memory
+(bench/static_bytes_server.py): what cached bytes cost with nothing behind them. Prints a Markdown
+table for BENCHMARKS.md.
 
     .venv/bin/python bench/bench_scrape.py [--series 1200] [--duration 5]
 """
@@ -17,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -72,15 +77,23 @@ def main() -> None:
     for tool in ("wrk", "prometheus-node-exporter"):
         if not shutil.which(tool):
             sys.exit(f"{tool} missing: apt-get install wrk prometheus-node-exporter")
-    ours_port, node_port = free_port(), free_port()
+    ours_port, node_port, floor_port = free_port(), free_port(), free_port()
     ours_url, node_url = f"http://127.0.0.1:{ours_port}/metrics", f"http://127.0.0.1:{node_port}/metrics"
+    floor_url = f"http://127.0.0.1:{floor_port}/metrics"
     procs = []
+    body = tempfile.NamedTemporaryFile(prefix="bench-scrape-", suffix=".prom")
     try:
         procs.append(start([sys.executable, "bench/synthetic_exporter.py", f"127.0.0.1:{ours_port}", str(a.series)],
                            ours_url))
         procs.append(start(["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{node_port}"], node_url))
+        body.write(urllib.request.urlopen(ours_url, timeout=5).read())
+        body.flush()
+        procs.append(start([sys.executable, "bench/static_bytes_server.py", f"127.0.0.1:{floor_port}", body.name],
+                           floor_url))
         rows = []
-        for name, url in (("node_exporter " + node_version(), node_url), ("immich-gpu-exporter", ours_url)):
+        for name, url in (("node_exporter " + node_version() + " (collects at scrape time)", node_url),
+                          ("floor: aiohttp serving our body from memory", floor_url),
+                          ("immich-gpu-exporter (cached bytes)", ours_url)):
             n, size = series_count(url)
             for gz in (False, True):
                 r = wrk(url, a.duration, gz)
@@ -89,13 +102,19 @@ def main() -> None:
         for p in procs:
             p.terminate()
             p.wait(10)
+        body.close()
     node = {gz: r for name, _, _, gz, r in rows if name.startswith("node")}
-    print(f"| server | series | body | gzip | p50 | p99 | req/s | p50 vs node_exporter |")
-    print("|---|---|---|---|---|---|---|---|")
+    floor = {gz: r for name, _, _, gz, r in rows if name.startswith("floor")}
+    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs, {a.duration} s per row, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print()
+    print("| server | series | body | gzip | p50 | p99 | req/s | p50 vs node_exporter | p50 vs floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, n, size, gz, r in rows:
         ratio = r["p50"] / node[gz]["p50"]
         print(f"| {name} | {n} | {size / 1024:.1f} KiB | {'yes' if gz else 'no'} | {r['p50']:.3f} ms | "
-              f"{r['p99']:.3f} ms | {r['rps']:.0f} | {ratio:.3f} (1/{1 / ratio:.0f}) |")
+              f"{r['p99']:.3f} ms | {r['rps']:.0f} | {ratio:.3f} (1/{1 / ratio:.0f}) | "
+              f"{r['p50'] / floor[gz]['p50']:.2f} |")
 
 
 def node_version() -> str:

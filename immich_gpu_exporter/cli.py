@@ -11,13 +11,15 @@ Every configuration flag comes from `config.OPTIONS`. Invalid input: one line on
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__, config as configmod, logs
+
+if TYPE_CHECKING:  # imported at run time only after lean_process() (it must come first)
+    import asyncio
 
 PROG = "immich-gpu-exporter"
 COMMANDS = ("serve", "check", "demo")
@@ -149,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     register_secrets(cfg)
     logs.setup(cfg["log.level"])
+    if command != "check":
+        lean_process(cfg)
     if command == "check":
         from .check import run_check
         return run_check(cfg, as_json=getattr(ns, "json", False), root=getattr(ns, "root", "/"))
@@ -192,6 +196,28 @@ def register_secrets(cfg: configmod.Config) -> None:
                         logs.add_secret(part)
 
 
+def lean_process(cfg: configmod.Config) -> None:
+    """Keep out of this process what its configuration never uses (BENCHMARKS.md, "Resident memory").
+
+    * TLS: with no https:// URL configured nothing here speaks TLS, so `ssl` is made unimportable
+      before asyncio and aiohttp load; both then run without it (they import it optionally), and
+      libssl, the ssl module and aiohttp's TLS parts stay out: ~4.5 MiB.
+    * malloc arenas: glibc gives each thread that allocates its own arena; the event loop and a
+      few blocking workers (NVML, sd-bus, the executor) need no more than two: ~2 MiB.
+    Only the command line calls this, before the first `import asyncio`.
+    """
+    urls = [cfg[o.key] for o in configmod.OPTIONS if o.parse.__name__ in ("_url", "_opt_url")]
+    if "ssl" not in sys.modules and "asyncio" not in sys.modules and not cfg["web.config.file"] and \
+            not any(isinstance(u, str) and u.lower().startswith("https:") for u in urls):
+        sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` now raises ImportError
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX (glibc); elsewhere there is no such symbol
+    except (OSError, AttributeError):
+        pass
+
+
 def make_daemon(cfg: configmod.Config):  # type: ignore[no-untyped-def]
     from . import sources
     from .daemon import Daemon
@@ -203,6 +229,8 @@ def make_daemon(cfg: configmod.Config):  # type: ignore[no-untyped-def]
 
 
 def run_once(cfg: configmod.Config) -> int:
+    import asyncio
+
     async def go() -> bytes:
         daemon = make_daemon(cfg)
         await daemon.run_once()
@@ -220,6 +248,8 @@ def split_listen(addr: str) -> tuple[str, int]:
 
 async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.Event | None = None,
                       web_config: Any = None) -> None:
+    import asyncio
+
     from aiohttp import web
 
     from .http import KEEPALIVE_TIMEOUT, Listener, auth_middleware, make_app
@@ -281,6 +311,8 @@ async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.E
 
 
 def serve(cfg: configmod.Config, daemon: Any = None) -> int:
+    import asyncio
+
     from .webconfig import WebConfigWatcher
 
     try:

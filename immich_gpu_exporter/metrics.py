@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-from typing import Iterable, Iterator
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
-from prometheus_client.registry import Collector, CollectorRegistry
+import math
+from typing import TYPE_CHECKING, Iterator
 
 from .core import LabelPairs, Sample, Snapshot
+
+if TYPE_CHECKING:  # client_python is imported only by the tests that compare our output with it
+    from prometheus_client.core import Metric
+    from prometheus_client.registry import CollectorRegistry
 
 FRESHNESS = (
     " Collected in the background by the exporter's own loop, not at scrape time: the value is "
@@ -271,6 +271,8 @@ def families(snapshot: Snapshot) -> list[Metric]:
 
 
 def _to_families(groups: list[tuple[MetricDef, list[Sample]]]) -> list[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     out: list[Metric] = []
     for d, samples in groups:
         if d.type == "counter":
@@ -292,6 +294,24 @@ def _esc_help(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n")
 
 
+def go_float(v: float) -> str:
+    """A sample value as client_python writes it (so our text equals its text, byte for byte):
+    Python's shortest repr, +Inf/-Inf/NaN spelled the Prometheus way, and a positive number with
+    more than 6 integer digits in repr written in Go's exponent form (1786000000.5 -> 1.7860000005e+09)."""
+    v = float(v)
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if math.isnan(v):
+        return "NaN"
+    text = repr(v)
+    point = text.find(".")
+    if v <= 0 or point <= 6:
+        return text
+    digits = (text[:point] + text[point + 1:]).rstrip("0")
+    mantissa = (digits[0] + "." + digits[1:]).rstrip(".")
+    return f"{mantissa}e+{point - 1:02d}"
+
+
 def render_text(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
     """Text format 0.0.4. Hand-written because it is the hot part of every snapshot change
     (several times faster than building client_python families), with client_python's value
@@ -304,19 +324,37 @@ def render_text(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
         for s in samples:
             if s.labels:
                 labels = ",".join(f'{k}="{_esc_label(v)}"' for k, v in s.labels)
-                add(f"{d.name}{{{labels}}} {floatToGoString(s.value)}")
+                add(f"{d.name}{{{labels}}} {go_float(s.value)}")
             else:
-                add(f"{d.name} {floatToGoString(s.value)}")
+                add(f"{d.name} {go_float(s.value)}")
     add("")
     return "\n".join(lines).encode()
 
 
-class _Families(Collector):
-    def __init__(self, fams: list[Metric]) -> None:
-        self._fams = fams
+def _esc_om(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
-    def collect(self) -> Iterable[Metric]:
-        return self._fams
+
+def render_openmetrics(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
+    """OpenMetrics 1.0 text, as client_python's openmetrics `generate_latest` writes the same
+    families (the tests compare them byte for byte): a counter's family is named without `_total`,
+    its samples with it; HELP and label values escape backslash, newline and double quote; `# EOF`.
+    Hand-written, because Prometheus asks for OpenMetrics by default and client_python would cost
+    ~3 MiB of resident memory for it."""
+    lines: list[str] = []
+    add = lines.append
+    for d, samples in groups:
+        family = d.name[: -len("_total")] if d.type == "counter" else d.name
+        add(f"# HELP {family} {_esc_om(_help(d))}")
+        add(f"# TYPE {family} {d.type}")
+        for s in samples:
+            if s.labels:
+                labels = ",".join(f'{k}="{_esc_om(v)}"' for k, v in s.labels)
+                add(f"{d.name}{{{labels}}} {go_float(s.value)}")
+            else:
+                add(f"{d.name} {go_float(s.value)}")
+    add("# EOF\n")
+    return "\n".join(lines).encode()
 
 
 class Rendered:
@@ -341,7 +379,7 @@ class Rendered:
     @property
     def openmetrics(self) -> bytes:
         if self._openmetrics is None:
-            self._openmetrics = generate_openmetrics(_registry(_to_families(self._groups)))
+            self._openmetrics = render_openmetrics(self._groups)
         return self._openmetrics
 
 
@@ -350,8 +388,14 @@ CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset
 
 
 def _registry(fams: list[Metric]) -> CollectorRegistry:
+    from prometheus_client.registry import CollectorRegistry
+
+    class Families:  # a collector that yields the families already built
+        def collect(self) -> list[Metric]:
+            return fams
+
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Families(fams))
+    reg.register(Families())  # type: ignore[arg-type]
     return reg
 
 

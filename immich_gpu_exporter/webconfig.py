@@ -30,12 +30,16 @@ import dataclasses
 import hashlib
 import logging
 import os
-import ssl
 import stat
 from typing import Any, Mapping
 
 from .config import ConfigError
 from .files import problem_text, read_small
+
+try:
+    import ssl
+except ImportError:  # cli.lean_process() keeps ssl out when no web config file and no https URL is set
+    ssl = None  # type: ignore[assignment]
 
 log = logging.getLogger("immich_gpu_exporter.web")
 
@@ -45,10 +49,10 @@ CLIENT_AUTH = {
     "NoClientCert": ssl.CERT_NONE,
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
-}
+} if ssl is not None else {}
 UNSUPPORTED_CLIENT_AUTH = ("RequestClientCert", "RequireAnyClientCert")  # need certificates left unverified
 TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1, "TLS12": ssl.TLSVersion.TLSv1_2,
-                "TLS13": ssl.TLSVersion.TLSv1_3}
+                "TLS13": ssl.TLSVersion.TLSv1_3} if ssl is not None else {}
 TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version", "max_version"}
 TOP_KEYS = {"tls_server_config", "basic_auth_users"}
 

@@ -8,6 +8,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 from types import MappingProxyType
 
 import pytest
@@ -146,3 +147,24 @@ def test_hand_written_text_renderer_matches_client_python_even_for_odd_label_val
     ours = metrics.render(snap).text
     theirs = generate_latest(metrics._registry(metrics.families(snap)))
     assert ours == theirs
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    assert metrics.render(snap, True).openmetrics == generate_openmetrics(metrics._registry(metrics.families(snap)))
+
+
+@pytest.mark.parametrize("v", [0.0, -0.0, 1.0, 0.5, 1e-9, 123456.0, 1234567.0, 12345678.0, 1786000000.0,
+                               1786000000.123456, 12345678901.0, 1e22, 1.5e16, 9.99e300, -12345678.0, -1e22,
+                               float("inf"), float("-inf"), float("nan"), 100000000.0, 7, 2 ** 53])
+def test_value_formatting_is_client_pythons(v):
+    from prometheus_client.utils import floatToGoString
+
+    assert metrics.go_float(v) == floatToGoString(v)
+
+
+def test_neither_format_imports_client_python():
+    """client_python costs ~3 MiB of resident memory; both formats are rendered by our code."""
+    code = ("import sys; from immich_gpu_exporter import daemon, metrics; from tests.test_exposition import "
+            "snapshot_fixture; r = metrics.render(snapshot_fixture(), True); assert r.openmetrics and r.text; "
+            "print('prometheus_client' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
+    assert r.stdout.strip() == "False", r.stderr

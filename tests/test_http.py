@@ -93,14 +93,14 @@ def test_hung_immich_never_blocks_the_scrape():
         hole.close()
 
 
-def test_sigterm_during_a_scrape_exits_0_within_2s(tmp_path):
+def test_sigterm_during_a_scrape_exits_0_without_waiting_for_the_scrapers(tmp_path):
     # every source enabled; the journal source follows a real journal file with a live journalctl
     journal_dir = tmp_path / "journal"
     journal_dir.mkdir()
     write_journal(journal_dir / "system.journal", fixture("cuda_ok.export"))
     port = free_port()
     ex = Exporter([f"--immich.url=http://127.0.0.1:{port}", f"--journal.directory={journal_dir}",
-                   f"--state.directory={tmp_path / 'state'}"]).start()
+                   f"--state.directory={tmp_path / 'state'}"], log_path=tmp_path / "exporter.log").start()
     wait_for(lambda: value(ex.metrics(), "immich_gpu_exporter_source_up", source="journal") == 1, 10,
              what="journal source up")
     stop = threading.Event()
@@ -118,15 +118,17 @@ def test_sigterm_during_a_scrape_exits_0_within_2s(tmp_path):
     half = socket.create_connection(("127.0.0.1", ex.port))
     half.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
     time.sleep(0.3)
-    t0 = time.monotonic()
     ex.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-    rc = ex.proc.wait(timeout=5)  # type: ignore[union-attr]
-    elapsed = time.monotonic() - t0
+    # A hang guard, not a speed bound: shutdown is bounded by the exporter's own deadlines (sources
+    # 1.5 s, open connections 0.5 s) where aiohttp alone would wait 60 s for the half-open scrape.
+    rc = ex.proc.wait(timeout=30)  # type: ignore[union-attr]
     stop.set()
     t.join()
     half.close()
     assert rc == 0
-    assert elapsed < 2.0, f"shutdown took {elapsed:.2f}s"
+    ex.stop()  # closes the log file
+    log = ex.logs()
+    assert "shutting down" in log and "did not stop within" not in log, log[-2000:]
     assert (tmp_path / "state").exists() and any((tmp_path / "state").iterdir()), "journal state saved at shutdown"
 
 

@@ -255,9 +255,17 @@ async def test_api_key_file_is_read_and_a_loose_mode_is_warned_once(fake, tmp_pa
     assert len(warnings) == 1 and KEY not in caplog.text
 
 
-async def test_seconds_per_job_by_provider_after_a_switch_in_real_time():
-    """CPU batch, ML restarts on CUDA while idle, CUDA batch: two values under two labels."""
-    t0 = time.monotonic() + 0.3
+async def test_seconds_per_job_by_provider_after_a_switch_over_real_http():
+    """CPU batch, ML restarts on CUDA while idle, CUDA batch: two values under two labels.
+
+    Real HTTP between the source and the fake, on one virtual clock shared by both (polls every
+    50 ms of it): the accuracy is the timing code's, not the machine's load."""
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    t0 = 0.3
     t_switch = t0 + 2.3  # the CPU batch has drained; the ML service comes back on CUDA
     cpu_jobs, cuda_jobs = 16, 80
     provider = Provider(CPU)
@@ -267,13 +275,13 @@ async def test_seconds_per_job_by_provider_after_a_switch_in_real_time():
 
     sim = QueueSim("smartSearch", concurrency=2, provider_at=provider_at, job_seconds={CPU: 0.25, CUDA: 0.05},
                    arrivals=[t0] * cpu_jobs + [t_switch + 0.3] * cuda_jobs)
-    with FakeImmich(queues=[sim]) as fake:
-        src = make_source(fake, provider=provider, immich_telemetry_url=fake.telemetry_url)
+    with FakeImmich(queues=[sim], clock=clock) as fake:
+        src = make_source(fake, provider=provider, clock=clock, immich_telemetry_url=fake.telemetry_url)
         try:
-            while time.monotonic() < sim.last_end + 0.4:
-                provider.value = provider_at(time.monotonic())
+            while now[0] < sim.last_end + 0.4:
+                provider.value = provider_at(now[0])
                 r = await collect(src)
-                await asyncio.sleep(0.05)
+                now[0] += 0.05
         finally:
             await src.close()
     secs = values(r, "immich_queue_active_job_seconds_total")

@@ -303,8 +303,11 @@ def test_daemon_library_installed_later_is_picked_up(fake_lib, scenario, tmp_pat
 
 def test_daemon_no_new_samples_keep_the_last_value_and_gone_processes_disappear(fake_lib, scenario):
     first, second = os.getpid(), os.getppid()
-    scenario.compute(first, 10).sample(first, 0.1, 40).write()
+    scenario.compute(first, 10).write()
     with Exporter([*DAEMON, "--gpu.pid-labels"], env=env_for(fake_lib, scenario)) as e:
+        # the sample is taken once the exporter runs: one taken before its start may be older than the
+        # window its first utilisation query asks for (a slow start on a loaded machine)
+        scenario.sample(first, 0.05, 40).write()
         wait_for(lambda: ex.value(scrape(e), "immich_gpu_pid_sm_utilization_ratio", pid=str(first)) == 0.4)
         ts0 = ex.value(scrape(e), "immich_gpu_exporter_source_last_success_timestamp_seconds", source="nvml")
         # several cycles later the driver still says NotFound (nothing newer than the cursor)

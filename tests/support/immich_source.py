@@ -26,13 +26,14 @@ class Provider:
         return Snapshot(1, MappingProxyType({"journal": journal}), MappingProxyType({}))
 
 
-def make_source(fake: FakeImmich, key: str | None = KEY, provider: Provider | None = None, **cfg) -> ImmichSource:
+def make_source(fake: FakeImmich, key: str | None = KEY, provider: Provider | None = None, clock=None,
+                **cfg) -> ImmichSource:
     values = dict(immich_url=fake.url, immich_ml_url=fake.ml_url, immich_api_key=key, immich_interval=0.1,
                   immich_timeout=0.5)
     values.update(cfg)
     config = configmod.defaults().replace(**values)
     provider = provider or Provider()
-    return ImmichSource(config, Hub(provider.snapshot))
+    return ImmichSource(config, Hub(provider.snapshot), clock=clock)
 
 
 def values(result: CollectResult, name: str) -> dict[tuple, float]:
