@@ -149,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except configmod.ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    register_secrets(cfg)
     logs.setup(cfg["log.level"])
     if command != "check":
         lean_process(cfg)
@@ -159,15 +160,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import demo_daemon
         return serve(cfg, demo_daemon(cfg))
     if getattr(ns, "dry_run", False):
+        if cfg["web.config.file"]:
+            from .webconfig import load as load_web_config
+
+            try:
+                load_web_config(cfg["web.config.file"])
+            except configmod.ConfigError as e:
+                print(f"{PROG}: error: {e}", file=sys.stderr)
+                return 2
         for o in configmod.OPTIONS:
             v = cfg[o.key]
             if o.secret and v:
                 v = "<set>"
+            elif isinstance(v, str):
+                v = logs.redact(v)
+            elif isinstance(v, tuple):
+                v = tuple(logs.redact(x) if isinstance(x, str) else x for x in v)
             print(f"{o.key} = {v!r}  # {cfg.origin(o.key)}")
         return 0
     if getattr(ns, "once", False):
         return run_once(cfg)
     return serve(cfg)
+
+
+def register_secrets(cfg: configmod.Config) -> None:
+    """Every secret the configuration holds, so that logs and pages redact them (logs.redact)."""
+    for o in configmod.OPTIONS:
+        v = cfg[o.key]
+        if o.secret and isinstance(v, str):
+            logs.add_secret(v)
+        else:
+            for item in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(item, str) and "://" in item:
+                    for part in configmod.url_credentials(item):
+                        logs.add_secret(part)
 
 
 def lean_process(cfg: configmod.Config) -> None:
@@ -181,7 +207,7 @@ def lean_process(cfg: configmod.Config) -> None:
     Only the command line calls this, before the first `import asyncio`.
     """
     urls = [cfg[o.key] for o in configmod.OPTIONS if o.parse.__name__ in ("_url", "_opt_url")]
-    if "ssl" not in sys.modules and "asyncio" not in sys.modules and \
+    if "ssl" not in sys.modules and "asyncio" not in sys.modules and not cfg["web.config.file"] and \
             not any(isinstance(u, str) and u.lower().startswith("https:") for u in urls):
         sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` now raises ImportError
     try:
@@ -220,32 +246,55 @@ def split_listen(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.Event | None = None) -> None:
+async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.Event | None = None,
+                      web_config: Any = None) -> None:
     import asyncio
 
     from aiohttp import web
 
-    from .http import make_app
+    from .http import KEEPALIVE_TIMEOUT, Listener, auth_middleware, make_app
+    from .webconfig import BasicAuth, WebConfigWatcher
 
+    web_config = web_config or WebConfigWatcher(cfg["web.config.file"])
     daemon = daemon or make_daemon(cfg)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(logs.loop_exception_handler)
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    runner = web.AppRunner(make_app(daemon), access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    listener_box: list[Listener] = []
+
+    @web.middleware
+    async def track(request: web.Request, handler: Any) -> Any:
+        return await listener_box[0].middleware(request, handler)
+
+    auth = BasicAuth(web_config)
+    app = make_app(daemon, middlewares=(track, auth_middleware(auth)))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT)
     await runner.setup()
+    assert runner.server is not None
+    listener = Listener(runner.server, ssl_context=web_config.ssl_context)
+    listener_box.append(listener)
     host, port = split_listen(cfg["web.listen-address"])
-    site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
-        await site.start()
-    except OSError as e:
+        bound = await listener.start(host, port)
+    except (OSError, UnicodeError, ValueError) as e:
         await runner.cleanup()
-        raise SystemExit(f"{PROG}: error: cannot listen on {cfg['web.listen-address']}: {e.strerror or e}")
-    bound = [s.getsockname() for s in (site._server.sockets if site._server else [])]  # type: ignore[union-attr]
-    log.info("%s %s listening on %s", PROG, __version__, ", ".join(f"{a[0]}:{a[1]}" for a in bound))
+        raise SystemExit(f"{PROG}: error: cannot listen on {cfg['web.listen-address']}: "
+                         f"{getattr(e, 'strerror', None) or e}")
+    current = web_config.current
+    log.info("%s %s listening on %s (%s%s, at most %d connections)", PROG, __version__,
+             ", ".join(f"{a[0]}:{a[1]}" for a in bound), "https" if current.tls else "http",
+             ", basic auth" if current.auth else "", listener.cap)
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: web_config.reload("SIGHUP"))
+    except (NotImplementedError, RuntimeError):
+        pass
+    watch = asyncio.create_task(web_config.watch(), name="web-config-watch")
     await daemon.start()
     try:
         await stop.wait()
@@ -255,14 +304,24 @@ async def serve_async(cfg: configmod.Config, daemon: Any = None, stop: asyncio.E
             await asyncio.wait_for(daemon.stop(), 1.5)
         except asyncio.TimeoutError:
             log.warning("sources did not stop within 1.5s")
+        watch.cancel()
+        await listener.close()
         await runner.cleanup()
+        auth.close()
 
 
 def serve(cfg: configmod.Config, daemon: Any = None) -> int:
     import asyncio
 
+    from .webconfig import WebConfigWatcher
+
     try:
-        asyncio.run(serve_async(cfg, daemon))
+        web_config = WebConfigWatcher(cfg["web.config.file"])
+    except configmod.ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve_async(cfg, daemon, web_config=web_config))
     except SystemExit as e:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

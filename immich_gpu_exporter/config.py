@@ -14,11 +14,19 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from typing import Any, Callable, Mapping, Sequence
+
+from .files import read_small, problem_text
 
 ENV_PREFIX = "IMMICH_GPU_EXPORTER_"
 DEFAULT_PORT = 10283  # outside 9100-9999 and not one of Immich's ports (see README)
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+CONFIG_FILE_MAX_BYTES = 1 << 20  # a config file is a few KiB; /dev/zero or a log file by mistake is refused
+# Upper bounds: an interval of 1e308 s (or a TOML integer with 400 digits) is a typo, not a wish, and
+# would overflow the event loop's timer arithmetic.
+MAX_SECONDS = 1e7  # about 116 days
+MAX_INT = 10**9
 
 
 class ConfigError(Exception):
@@ -45,22 +53,36 @@ def _positive_float(v: Any) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"expected a number of seconds, got {v!r}") from None
-    if not f > 0 or f != f or f == float("inf"):
-        raise ValueError(f"must be a positive number, got {v!r}")
+        raise ValueError(f"expected a number of seconds, got {_short(v)}") from None
+    except OverflowError:
+        raise ValueError(f"must be at most {MAX_SECONDS:g}, got {_short(v)}") from None
+    if not f > 0 or f != f:
+        raise ValueError(f"must be a positive number, got {_short(v)}")
+    if f > MAX_SECONDS:
+        raise ValueError(f"must be at most {MAX_SECONDS:g}, got {_short(v)}")
     return f
 
 
 def _positive_int(v: Any) -> int:
     if isinstance(v, bool):
         raise ValueError(f"expected a positive integer, got {v!r}")
+    if isinstance(v, str) and len(v.strip()) > 20:
+        raise ValueError(f"must be at most {MAX_INT}, got {_short(v)}")
     try:
         i = int(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a positive integer, got {v!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"expected a positive integer, got {_short(v)}") from None
     if i <= 0 or (isinstance(v, float) and v != i):
-        raise ValueError(f"expected a positive integer, got {v!r}")
+        raise ValueError(f"expected a positive integer, got {_short(v)}")
+    if i > MAX_INT:
+        raise ValueError(f"must be at most {MAX_INT}, got {_short(v)}")
     return i
+
+
+def _short(v: Any) -> str:
+    """repr() of a value for an error line: printable and at most ~60 characters."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:40] + f"...({len(r)} characters)"
 
 
 def _str(v: Any) -> str:
@@ -90,9 +112,58 @@ def _str_list(v: Any) -> tuple[str, ...]:
 
 def _url(v: Any) -> str:
     s = _str(v).strip()
-    if not re.match(r"^https?://[^/\s]+", s):
-        raise ValueError(f"expected an http(s):// URL, got {s!r}")
+    if not re.match(r"^https?://[^/\s]+", s) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in s):
+        raise ValueError(f"expected an http(s):// URL, got {redact_url(_short(s))}")
+    try:
+        u = urllib.parse.urlsplit(s)
+        u.port  # noqa: B018 - raises on a port out of range
+        host = u.hostname or ""
+    except ValueError as e:
+        raise ValueError(f"invalid URL {redact_url(_short(s))}: {e}") from None
+    if not host or not (_is_ip(host) or _valid_hostname(host)):
+        raise ValueError(f"invalid host in URL {redact_url(_short(s))}")
     return s.rstrip("/")
+
+
+def url_credentials(url: str | None) -> tuple[str, ...]:
+    """The user-info parts of a URL (user:password@), which must never be shown."""
+    if not url:
+        return ()
+    netloc = url.split("://", 1)[-1].split("/", 1)[0]
+    if "@" not in netloc:
+        return ()
+    userinfo = netloc.rsplit("@", 1)[0]
+    user, _, password = userinfo.partition(":")
+    out = [userinfo]
+    for part in (password, urllib.parse.unquote(password)):
+        if part:
+            out.append(part)
+    return tuple(out)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by `<secret>`; the user name stays readable."""
+    def repl(m: re.Match[str]) -> str:
+        user = m.group("user")
+        return f"{m.group('scheme')}{user}:<secret>@" if m.group("pw") is not None else f"{m.group('scheme')}{user}@"
+    return re.sub(r"(?P<scheme>https?://)(?P<user>[^:@/\s]*)(?::(?P<pw>[^@/\s]*))?@", repl, url)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _valid_hostname(host: str) -> bool:
+    """RFC 1123 host name (underscores tolerated, as resolvers do): labels of 1-63 characters."""
+    h = host[:-1] if host.endswith(".") else host
+    return 0 < len(h) <= 253 and all(_LABEL.fullmatch(label) for label in h.split("."))
 
 
 def _opt_url(v: Any) -> str | None:
@@ -104,16 +175,20 @@ def _listen_address(v: Any) -> str:
     s = _str(v).strip()
     m = re.match(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[^:]+)$", s)
     if not m:
-        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT}, [::]:{DEFAULT_PORT}), got {s!r}")
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT}, [::]:{DEFAULT_PORT}), got {_short(s)}")
     port_s = m.group("port")
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ValueError(f"port out of range 0-65535: {port_s!r}")
+    if not (port_s.isascii() and port_s.isdigit()) or len(port_s) > 5 or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"port out of range 0-65535: {_short(port_s)}")
     host = m.group("v6") or m.group("host")
     if m.group("v6"):
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"invalid IPv6 address {host!r}") from None
+            raise ValueError(f"invalid IPv6 address {_short(host)}") from None
+    elif host and not (_is_ip(host) or _valid_hostname(host)):
+        # getaddrinfo() would fail at bind time with a traceback (a NUL, a label over 63 characters)
+        raise ValueError(f"invalid host {_short(host)} (an IP address or a host name with labels of 1-63 "
+                         "letters, digits and dashes)")
     return s
 
 
@@ -198,6 +273,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("web.listen-address", _listen_address, DEFAULT_LISTEN,
            "address to serve /metrics on, HOST:PORT; use 0.0.0.0:PORT or [::]:PORT for all interfaces",
            metavar="HOST:PORT"),
+    Option("web.config.file", _opt_path, None,
+           "web config file (Prometheus exporter-toolkit format: tls_server_config, basic_auth_users) for "
+           "TLS and basic auth; re-read when it changes and on SIGHUP", metavar="FILE"),
     Option("log.level", _log_level, "info", "log level: debug, info, warning, error"),
     Option("collection.interval", _positive_float, 5.0, "default seconds between collections of a source"),
     Option("collection.timeout", _positive_float, 4.0,
@@ -389,26 +467,34 @@ def defaults() -> Config:
 
 def _read_toml(path: str) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config: cannot read {path}: no such file") from None
-    except PermissionError:
-        raise ConfigError(f"config: cannot read {path}: permission denied") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config: cannot read {path}: is a directory") from None
-    except OSError as e:
-        raise ConfigError(f"config: cannot read {path}: {e.strerror or e}") from None
+        raw = read_small(path, CONFIG_FILE_MAX_BYTES)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        text = problem_text(e) if isinstance(e, OSError) else str(e)
+        raise ConfigError(f"config: cannot read {path!r}: {text}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid UTF-8 (byte {e.start})") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config: {path} is not valid TOML: nested too deeply") from None
+    except (ValueError, OverflowError) as e:  # tomllib's own number conversions
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
     flat: dict[str, Any] = {}
     for section, body in data.items():
         if not isinstance(body, dict):
-            raise ConfigError(f"config: {path}: unknown key {section!r} (options live in sections, e.g. [web])")
+            raise ConfigError(f"config: {path}: unknown key {_short(section)} (options live in sections, e.g. [web])")
         for name, value in body.items():
             key = f"{section}.{name}"
+            # a dotted name (`config.file = ...` under [web]) arrives as a nested table
+            while isinstance(value, dict) and len(value) == 1 and key not in OPTIONS_BY_KEY:
+                (sub, value), = value.items()
+                key = f"{key}.{sub}"
             if key not in OPTIONS_BY_KEY:
-                raise ConfigError(f"config: {path}: unknown key {key!r}")
+                raise ConfigError(f"config: {path}: unknown key {_short(key)}")
             flat[key] = value
     return flat
 
@@ -416,8 +502,8 @@ def _read_toml(path: str) -> dict[str, Any]:
 def _parse(opt: Option, raw: Any, where: str) -> Any:
     try:
         return opt.parse(raw)
-    except ValueError as e:
-        msg = str(e)
+    except (ValueError, OverflowError, RecursionError) as e:
+        msg = str(e) or type(e).__name__
         if opt.secret:
             msg = "invalid value"
         raise ConfigError(f"{where}: invalid value for {opt.key}: {msg}") from None

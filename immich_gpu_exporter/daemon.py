@@ -16,7 +16,7 @@ import time
 from types import MappingProxyType
 from typing import Callable, Iterable
 
-from . import __version__
+from . import __version__, logs
 from .core import CollectResult, Snapshot, SourceDown, SourceState
 from .metrics import Rendered, check_sample, render
 from .sources.base import Hub, Source
@@ -115,6 +115,7 @@ class Daemon:
             self._first_cycle.add(source.name)
             self._set_state(state)
             return state
+        detail = logs.redact(detail)  # shown on the landing page and logged
         errors[reason] = errors.get(reason, 0) + 1
         if self._down_logged.get(source.name) != reason:
             log.warning("source %s is down (%s): %s", source.name, reason, detail)

@@ -69,6 +69,39 @@ class Decoded:
 
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+# A count above this is a broken or hostile answer, not a queue: 1e308 jobs would turn every
+# counter derived from it into +Inf for good. A trillion is far beyond any real library.
+MAX_COUNT = 10**12
+MAX_TELEMETRY_VALUE = 1e15
+
+# Immich's QueueName values up to v3.1 (research/immich.md §2.4). Known names always get their own
+# label; unknown ones (a newer release) are kept too, up to LabelCap's limit.
+KNOWN_QUEUES = frozenset({
+    "backgroundTask", "faceDetection", "facialRecognition", "library", "metadataExtraction", "migration",
+    "search", "sidecar", "smartSearch", "storageTemplateMigration", "thumbnailGeneration", "videoConversion",
+    "notifications", "duplicateDetection", "backupDatabase", "ocr", "workflow", "editor", "integrityCheck",
+})
+
+
+class LabelCap:
+    """Bounded label values from outside: known values always pass; unknown ones pass until `limit`
+    distinct ones were admitted (first come, kept for the process's life); the rest are refused and
+    counted in `dropped`."""
+
+    def __init__(self, known: frozenset[str], limit: int) -> None:
+        self.known = known
+        self.limit = limit
+        self.admitted: set[str] = set()
+        self.dropped = 0
+
+    def admit(self, value: str) -> bool:
+        if value in self.known or value in self.admitted:
+            return True
+        if len(self.admitted) < self.limit:
+            self.admitted.add(value)
+            return True
+        self.dropped += 1
+        return False
 
 
 def _count(v: Any) -> int | None:
@@ -77,7 +110,9 @@ def _count(v: Any) -> int | None:
         return None
     if isinstance(v, float) and (not math.isfinite(v) or v != int(v)):
         return None
-    return int(v) if v >= 0 else None
+    if not 0 <= v <= MAX_COUNT:
+        return None
+    return int(v)
 
 
 def _stats(name: Any, counts: Any, is_paused: Any) -> QueueStats | None:
@@ -340,7 +375,7 @@ def parse_telemetry(text: str) -> Telemetry:
         except ValueError:
             bad += 1
             continue
-        if not math.isfinite(value) or value < 0:
+        if not math.isfinite(value) or not 0 <= value <= MAX_TELEMETRY_VALUE:
             bad += 1
             continue
         key = (name.group("job"), name.group("status"))

@@ -141,6 +141,16 @@ _DEFS: list[MetricDef] = [
     _m("immich_gpu_exporter_journal_unrecognized_total", "counter",
        "Journal entries that matched no parser rule (not an error; a hint for new log formats).", ("unit",),
        "journal"),
+    _m("immich_gpu_exporter_journal_entries_dropped_total", "counter",
+       "Journal entries read but not used: untrusted (a container name not written by the container "
+       "runtime as root: forgeable by any local user) or oversized (over the per-entry byte bound).",
+       ("reason",), "exporter"),
+    _m("immich_gpu_exporter_journal_labels_dropped_total", "counter",
+       "Label values from the journal exposed as \"other\" because their label reached its cardinality cap.",
+       ("label",), "exporter"),
+    _m("immich_gpu_exporter_immich_labels_dropped_total", "counter",
+       "Queue names (label=queue) or telemetry job names (label=job) from the Immich API left out because "
+       "their cardinality cap was reached (known Immich names always count).", ("label",), "exporter"),
     _m("immich_ml_last_provider_change_timestamp_seconds", "gauge",
        "Unix time the effective execution provider last changed.", (), "journal"),
     # --- journal / server: video transcoding (transcode.py, docs/transcode.md) ------------------

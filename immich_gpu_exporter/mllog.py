@@ -40,6 +40,16 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # Cardinality caps: beyond them a new value is exposed as "other".
 MAX_PROVIDERS = 16
+MAX_UNKNOWN_PROVIDERS = MAX_PROVIDERS - 1  # names outside KNOWN_PROVIDERS; known ones never count against it
+# ONNX Runtime's execution providers (onnxruntime/core/providers, as of 1.20) and the CPU one.
+KNOWN_PROVIDERS = frozenset({
+    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider",
+    "OpenVINOExecutionProvider", "MIGraphXExecutionProvider", "ROCMExecutionProvider", "CoreMLExecutionProvider",
+    "DmlExecutionProvider", "DnnlExecutionProvider", "QNNExecutionProvider", "VitisAIExecutionProvider",
+    "WebGpuExecutionProvider", "XnnpackExecutionProvider", "AzureExecutionProvider", "ACLExecutionProvider",
+    "ArmNNExecutionProvider", "CANNExecutionProvider", "NnapiExecutionProvider", "RknpuExecutionProvider",
+    "SNPEExecutionProvider", "JsExecutionProvider", "WebNNExecutionProvider", "TvmExecutionProvider",
+})
 MAX_MODELS = 32
 MAX_UNITS = 16
 MAX_WORKERS = 64  # worker records kept (live ones plus recently exited, for exit de-duplication)
@@ -67,7 +77,11 @@ _RICH = re.compile(r"\[(?P<ts>[^\]\[]{4,40})\] (?P<lvl>DEBUG|INFO|WARNING|ERROR|
 _RICH_NO_TIME = re.compile(r"(?P<pad> {8,40})(?P<lvl>DEBUG|INFO|WARNING|ERROR|CRITICAL) +(?P<msg>\S.*)")
 _GUNICORN_PLAIN = re.compile(r"\[[^\]]{8,40}\] \[\d+\] \[(?P<lvl>DEBUG|INFO|WARNING|ERROR|CRITICAL)\] (?P<msg>.*)")
 _PY_PLAIN = re.compile(r"(?P<lvl>DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL):\s+(?P<msg>.*)")
-_ORT = re.compile(r"(?:\d{4}-\d\d-\d\d[ T][\d:.]+ )?\[(?P<sev>[VIWEF]):onnxruntime:(?P<id>[^,\]]*),? *(?P<loc>[^\]]*)\] ?(?P<msg>.*)")
+# Linear time: `id` stops at the first comma and `loc` starts only after it, so no two groups can
+# take the same characters (the former `[^,\]]*),? *[^\]]*` backtracked quadratically on a long line
+# without a closing bracket: 11 s for 48 KB).
+_ORT = re.compile(r"(?:\d{4}-\d\d-\d\d[ T][\d:.]{1,40} )?\[(?P<sev>[VIWEF]):onnxruntime:(?P<id>[^,\]]*)"
+                  r"(?:, *(?P<loc>[^\]]*))?\] ?(?P<msg>.*)")
 _NEST = re.compile(r"\[Nest\] \d+\s+-\s.*?\s(?P<lvl>LOG|WARN|ERROR|DEBUG|VERBOSE|FATAL)\s")
 _ORT_SEV = {"V": "debug", "I": "info", "W": "warning", "E": "error", "F": "critical"}
 _NEST_LVL = {"LOG": "info", "WARN": "warning", "ERROR": "error", "DEBUG": "debug", "VERBOSE": "debug",
@@ -232,7 +246,7 @@ BENIGN_PATTERNS: tuple[str, ...] = (
     r"^OpenVINO: Using GPU device", r"^Exception in ASGI application", r"^Listening at: ", r"^Using worker: ",
     r"^Handling signal: ", r"^Reason: ", r"^Worker failed to boot", r"^App failed to load", r"^Started server process",
     r"^Waiting for application (?:startup|shutdown)", r"^Application (?:startup|shutdown) complete", r"^Shutting down$",
-    r"^Finished server process", r"^Control socket", r"^\d+\.\d+\.\d+\.\d+:\d+ - \"", r"^\[?[\w:.]*\]?:?\d* - \"",
+    r"^Finished server process", r"^Control socket", r"^\d+\.\d+\.\d+\.\d+:\d+ - \"", r"^\[?[\w:.]*+\]?:?\d* - \"",  # *+: possessive, else quadratic on a long run of digits
     r"^Traceback \(most recent call last\)", r"^File \"", r"^\s", r"^[╭╰│]", r"^\w+(?:\.\w+)*(?:Error|Exception|Fail|Warning): ",
     r"^warnings\.warn", r"^\S+\.py:\d+: \w*Warning: ", r"^\[OpenVINO-EP\]", r"^MIGraphX", r"^The above exception", r"^During handling of the above",
     r"^\[Nest\] ", r"^$",
@@ -414,7 +428,7 @@ class Parser:
         if "onnxruntime:" in line[:64]:
             m = _ORT.match(line)
             if m is not None:
-                self._record(group, pid, ts, m.group("msg"), 1, out, native=m.group("loc"))
+                self._record(group, pid, ts, m.group("msg"), 1, out, native=m.group("loc") or "")
                 return _ORT_SEV[m.group("sev")]
         # ORT's Python fallback prints (stdout, no prefix)
         blk = self.ep_block.get(key)
@@ -552,6 +566,7 @@ class MLState:
         self.nvml_fallback = False
         self.host_driver: bool | None = None  # NVIDIA kernel driver on this host (None: not checked)
         self.last_evidence: str | None = None  # what the latest fallback evidence was, for `check`
+        self.labels_dropped: dict[str, int] = {}  # label -> values mapped to "other" (not persisted)
 
     # -- persistence ---------------------------------------------------------------------------
     _PERSIST = ("boots", "session_crashes", "providers_seen", "units_seen", "preferred", "verdict", "workers",
@@ -586,9 +601,12 @@ class MLState:
     def _provider(self, p: str) -> str:
         if p in self.providers_seen:
             return p
-        if len(self.providers_seen) < MAX_PROVIDERS:
+        # A known provider always gets its own label: unknown names logged first (or restored from a
+        # state file) must never turn a real CUDAExecutionProvider into "other", which is no GPU.
+        if p in KNOWN_PROVIDERS or sum(x not in KNOWN_PROVIDERS for x in self.providers_seen) < MAX_UNKNOWN_PROVIDERS:
             self.providers_seen.append(p)
             return p
+        self.labels_dropped["provider"] = self.labels_dropped.get("provider", 0) + 1
         return OTHER
 
     def _model(self, key: tuple[str, str]) -> tuple[str, str]:

@@ -100,6 +100,16 @@ BAD = [
     ([], {}, '[collector]\nnvml = "perhaps"\n', "collector.nvml: expected a boolean"),
     ([], {}, '[journal]\nbackfill-entries = 0\n', "journal.backfill-entries: expected a positive integer"),
     ([], {}, '[web\n', "is not valid TOML"),
+    # hostile or mistaken input that used to end in a traceback (issue 14)
+    (["--web.listen-address=" + "a" * 64 + ":10283"], {}, None, "web.listen-address: invalid host"),
+    ([], {}, '[web]\nlisten-address = "ho\\u0000st:1"\n', "web.listen-address: invalid host"),
+    ([], {}, '[immich]\ninterval = 1' + "0" * 400 + '\n', "immich.interval: must be at most"),
+    ([], {}, '[immich]\ninterval = inf\n', "immich.interval: must be at most"),
+    ([], {}, '[journal]\nbackfill-entries = 1' + "0" * 400 + '\n', "journal.backfill-entries: must be at most"),
+    (["--immich.timeout=1e400"], {}, None, "immich.timeout: must be at most"),
+    ([], {}, '[immich]\nurl = ' + "[" * 3000 + "]" * 3000 + '\n', "nested too deeply"),
+    (["--immich.url=http://alice:hunter22@exa mple"], {}, None, "immich.url: invalid host in URL"),
+    (["--immich.url=http://alice:hunter22@host:99999"], {}, None, "immich.url: invalid URL"),
 ]
 
 
@@ -115,6 +125,44 @@ def test_invalid_value_is_one_line_and_exit_2(tmp_path, argv, env, toml, fragmen
     assert len(lines) == 1, r.stderr
     assert fragment in lines[0]
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_non_utf8_config_file_is_one_line(tmp_path):
+    f = tmp_path / "latin1.toml"
+    f.write_bytes(b'[immich]\nurl = "http://h\xf6st"\n')
+    r = run_cli(["--config", str(f), "--once"])
+    assert r.returncode == 2 and "not valid UTF-8" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "huge"])
+def test_config_file_that_is_no_regular_file_or_too_big_is_refused_without_hanging(tmp_path, kind):
+    if kind == "fifo":
+        path = tmp_path / "config.fifo"
+        os.mkfifo(path)  # open() would block until a writer came
+        expected = "not a regular file (a FIFO)"
+    elif kind == "dev_zero":
+        path = pathlib.Path("/dev/zero")  # read() would never end
+        expected = "not a regular file (a character device)"
+    else:
+        path = tmp_path / "huge.toml"
+        path.write_bytes(b"#" * (2 << 20))
+        expected = "larger than"
+    r = run_cli(["--config", str(path), "--once"], timeout=20)
+    assert r.returncode == 2, r.stderr
+    assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_password_in_immich_url_is_accepted_and_redacted_in_dry_run():
+    r = run_cli(["--immich.url=http://alice:hunter22@immich.example:2283", "--dry-run"])
+    assert r.returncode == 0, r.stderr
+    assert "hunter22" not in r.stdout + r.stderr
+    assert "immich.url = 'http://alice:<secret>@immich.example:2283'" in r.stdout
+
+
+def test_password_in_an_invalid_url_is_not_echoed_in_the_error():
+    r = run_cli(["--immich.url=http://alice:hunter22@host:99999", "--dry-run"])
+    assert r.returncode == 2 and "hunter22" not in r.stderr and "<secret>" in r.stderr
 
 
 def test_missing_and_unreadable_config_files(tmp_path):

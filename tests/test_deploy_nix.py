@@ -53,6 +53,11 @@ def exporter_argv(result: dict) -> list[str]:
 
 def dry_run(args: list[str], tmp_path) -> subprocess.CompletedProcess[str]:
     args = [a.replace("%d", str(tmp_path / "credentials")) for a in args]
+    for i, a in enumerate(args):
+        if a.startswith("--web.config.file="):  # dry-run checks the file: give it a valid one
+            web = tmp_path / "web config.yml"
+            web.write_text('basic_auth_users:\n  prometheus: "$2b$10$CrzTxu4/lHJ77H7u4MZT3ezY3FGsjR66lLxqAb81mmNFaKEgTAT.G"\n')
+            args[i] = f"--web.config.file={web}"
     env = clean_env() | {"PYTHONPATH": str(ROOT), "STATE_DIRECTORY": str(tmp_path / "state")}
     return subprocess.run([sys.executable, "-m", "immich_gpu_exporter", *args, "--dry-run"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
@@ -99,6 +104,7 @@ OPTION_SETS = {
         apiKeyFile = "/run/secrets/immich key";
         collectors = { nvml = true; systemd = false; journal = true; immich = false; };
         extraFlags = [ "--log.level=debug" "--gpu.pid-labels" ];
+        webConfigFile = "/etc/immich-gpu-exporter/web config.yml";
       };""",
     "ipv6": 'services.immich-gpu-exporter = { enable = true; listenAddress = "::1"; };',
     "server-role": """services.immich-gpu-exporter = {
@@ -132,6 +138,8 @@ def test_generated_flags_carry_the_options_through(tmp_path):
     assert values["log.level"] == "'debug'" and values["gpu.pid-labels"] == "True"
     sc = result["exporterService"]["serviceConfig"]
     assert sc["LoadCredential"] == ["immich-api-key:/run/secrets/immich key"]
+    assert "--web.config.file=/etc/immich-gpu-exporter/web config.yml" in exporter_argv(result)
+    assert sc["ExecReload"].endswith("/bin/kill -HUP $MAINPID")  # systemctl reload re-reads the web config
     assert result["firewall"] == [9999]
 
 
@@ -179,7 +187,8 @@ def test_package_builds_this_version_with_the_runtime_dependencies():
     assert (pkg["pname"], pkg["version"]) == ("immich-gpu-exporter", __version__)
     assert pkg["meta"]["mainProgram"] == "immich-gpu-exporter"
     # the nixpkgs attribute names of pyproject.toml's dependencies
-    assert sorted(pkg["dependencies"]) == ["aiohttp", "nvidia-ml-py", "prometheus-client", "pystemd"]
+    assert sorted(pkg["dependencies"]) == ["aiohttp", "bcrypt", "nvidia-ml-py", "prometheus-client", "pystemd",
+                                           "pyyaml"]
 
 
 def _as_unit_values(value) -> list[str]:
@@ -193,7 +202,7 @@ def test_module_service_is_the_shipped_unit():
     nix = evaluate(OPTION_SETS["defaults"])["exporterService"]["serviceConfig"]
     # Deliberate NixOS differences: the binary path, no environment file (options instead), and
     # the credential from apiKeyFile rather than the credstore name.
-    skip = {"ExecStart", "EnvironmentFile", "LoadCredential"}
+    skip = {"ExecStart", "EnvironmentFile", "LoadCredential", "ExecReload"}  # ExecReload: the kill binary's path
     assert {k: _as_unit_values(v) for k, v in nix.items() if k not in skip} == \
         {k: v for k, v in shipped.items() if k not in skip}
 

@@ -103,6 +103,7 @@ def docker_export(fx: pathlib.Path) -> bytes:
         us = int(t.timestamp()) * 1_000_000 + t.microsecond
         out += export_entry({"__REALTIME_TIMESTAMP": str(us), "__MONOTONIC_TIMESTAMP": str(1_000_000 + i),
                              "_BOOT_ID": BOOT_ID, "_SYSTEMD_UNIT": "docker.service", "_PID": "900",
+                             "_UID": "0", "_COMM": "dockerd", "_TRANSPORT": "journal",  # journald's own fields
                              "CONTAINER_NAME": ML_CONTAINER, "SYSLOG_IDENTIFIER": "a63982a0e983",
                              "PRIORITY": "6" if rec["stream"] == "stdout" else "3",
                              "MESSAGE": rec["log"].rstrip("\n").encode()})
@@ -462,7 +463,8 @@ def test_a_block_arriving_after_its_worker_exited_belongs_to_that_worker(tmp_pat
     docker = []
     for k, x in enumerate(order):
         e = json.loads(x)
-        e.update(_SYSTEMD_UNIT="docker.service", _PID="900", CONTAINER_NAME=ML_CONTAINER,
+        e.update(_SYSTEMD_UNIT="docker.service", _PID="900", _UID="0", _COMM="dockerd", _TRANSPORT="journal",
+                 CONTAINER_NAME=ML_CONTAINER,
                  __REALTIME_TIMESTAMP=str(t0 + 1000 * k))
         docker.append(json.dumps(e))
     got, src = verdict(docker, tmp_path)

@@ -26,7 +26,8 @@ let
     ++ map (u: "--remote-ml.exporter-url=${u}") cfg.remoteMlExporterUrls
     ++ map (u: "--systemd.unit=${u}") cfg.units
     ++ map (u: "--journal.unit=${u}") cfg.journalUnits
-    ++ map (c: if cfg.collectors.${c} then "--collector.${c}" else "--no-collector.${c}") collectorNames;
+    ++ map (c: if cfg.collectors.${c} then "--collector.${c}" else "--no-collector.${c}") collectorNames
+    ++ lib.optional (cfg.webConfigFile != null) "--web.config.file=${cfg.webConfigFile}";
 
   # ExecStart= is split by systemd, not by a shell: it processes C escapes inside quotes too and
   # expands % specifiers and $VARIABLES, so lib.escapeShellArgs would mangle a backslash, `%` or
@@ -151,6 +152,20 @@ in
       '';
     };
 
+    webConfigFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/immich-gpu-exporter/web-config.yml";
+      description = ''
+        Web config file in Prometheus exporter-toolkit's format (tls_server_config, basic_auth_users
+        with bcrypt hashes; see deploy/web-config.example.yml and SECURITY.md) for TLS and basic auth
+        on every endpoint. Read directly by the service user immich-gpu-exporter, so it and the key
+        it names must be readable by that user and stay outside the Nix store (the key is a secret).
+        Relative paths in it are relative to its directory. It is re-read when it changes and on
+        `systemctl reload immich-gpu-exporter` (SIGHUP); an invalid file at start-up fails the start.
+      '';
+    };
+
     collectors = {
       processes = collectorOption "processes" "Immich's processes, their tuning, memory and CPU, with or without a GPU";
       nvml = collectorOption "NVML" "GPU memory and use per Immich process";
@@ -200,6 +215,7 @@ in
       serviceConfig = {
         Type = "exec";
         ExecStart = execStart;
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         Restart = "on-failure";
         RestartSec = "5s";
 

@@ -31,6 +31,8 @@ python3Packages.buildPythonApplication {
     nvidia-ml-py
     aiohttp
     pystemd
+    bcrypt
+    pyyaml
   ];
 
   # The test suite needs root, a nested systemd, gcc and promtool; it runs in CI, not in the sandbox.

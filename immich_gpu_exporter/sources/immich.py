@@ -21,6 +21,7 @@ come back), but no queue gauges. An unreachable ML service alone is a measuremen
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +30,9 @@ from typing import Any
 
 import aiohttp
 
-from .. import immich_api as api, remote
+from .. import immich_api as api, logs, remote
+from ..config import redact_url
+from ..files import problem_text, read_small
 from ..core import CollectResult, Sample, SourceDown, sample
 from ..timings import METHOD_BACKLOG, METHOD_TELEMETRY, Observation, QueueTimings
 from .base import Source, provider_in_force
@@ -38,6 +41,25 @@ log = logging.getLogger("immich_gpu_exporter.immich")
 ACCEL_REFRESH = 60.0  # seconds between reads of the configured acceleration (it changes rarely)
 ACCEL_RETRY = 15.0  # after a failed read
 ACCEL_FORBIDDEN_RETRY = 3600.0  # after a 403: the key may get the permission later
+
+
+MAX_ANSWER_BYTES = 8 << 20  # per answer; Immich's largest (telemetry, /api/queues) are a few KiB
+MAX_QUEUE_LABELS = 64  # unknown queue names kept as labels (known ones always are)
+MAX_JOB_NAMES = 128  # unknown telemetry job names tracked
+
+
+async def _read_capped(r: aiohttp.ClientResponse) -> bytes | None:
+    """The body, or None as soon as it is known to exceed MAX_ANSWER_BYTES (never buffered whole)."""
+    if r.content_length is not None and r.content_length > MAX_ANSWER_BYTES:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await r.content.read(65536):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class RequestFailed(Exception):
@@ -74,6 +96,9 @@ class ImmichSource(Source):
         self._queue_path: str | None = None  # which queue endpoint works on this server
         self._server_base = api.SERVER_BASE  # /api/server-info on servers before v1.113
         self._logged: set[str] = set()
+        self._queue_cap = api.LabelCap(api.KNOWN_QUEUES, MAX_QUEUE_LABELS)
+        self._job_cap = api.LabelCap(frozenset(api.JOB_QUEUES), MAX_JOB_NAMES)
+        self._unmapped_logged: set[str] = set()
         self._key_mode_warned = False
         # configured video acceleration: the last decoded value and when to ask again
         self._accel: api.ConfiguredAcceleration | None = None
@@ -104,16 +129,17 @@ class ImmichSource(Source):
         path = self.config["immich.api-key-file"]
         if path:
             try:
-                with open(path, "rb") as f:
-                    mode = os.fstat(f.fileno()).st_mode
-                    raw = f.read(4096)
+                # a FIFO or /dev/zero named here must not hang or fill the daemon: non-blocking, capped
+                mode = os.stat(path).st_mode
+                raw = read_small(path, 4096)
             except OSError as e:
-                raise SourceDown("api_key_file", f"cannot read the API key file {path}: {e.strerror}") from None
+                raise SourceDown("api_key_file", f"cannot read the API key file {path}: {problem_text(e)}") from None
             if mode & (stat.S_IRGRP | stat.S_IROTH) and not self._key_mode_warned:
                 self._key_mode_warned = True
                 log.warning("the API key file %s is readable by group or others (mode %o); chmod 600 it "
                             "or use systemd LoadCredential=", path, stat.S_IMODE(mode))
             key = raw.decode("utf-8", "replace").strip()
+            logs.add_secret(key)
             if not key:
                 raise SourceDown("api_key_file", f"the API key file {path} is empty")
         else:
@@ -138,13 +164,15 @@ class ImmichSource(Source):
 
     async def fetch(self, url: str, key: str | None = None, *, prefix: str = "", want_json: bool = True) -> Any:
         headers = {"x-api-key": key} if key else None
-        what = url.split("://", 1)[-1]
+        what = redact_url(url).split("://", 1)[-1]
         try:
             async with self._http().get(url, headers=headers, allow_redirects=False) as r:
                 if r.status != 200:
                     kind = "http_5xx" if r.status >= 500 else "http_4xx"
                     raise RequestFailed(prefix + kind, f"{what} answered HTTP {r.status}", r.status)
-                raw = await r.read()
+                raw = await _read_capped(r)
+                if raw is None:
+                    raise RequestFailed(prefix + "too_large", f"{what}: answer larger than {MAX_ANSWER_BYTES} bytes")
         except asyncio.TimeoutError:
             raise RequestFailed(prefix + "timeout", f"{what}: no answer within {self.config['immich.timeout']:g}s") from None
         except aiohttp.ClientError as e:
@@ -204,6 +232,8 @@ class ImmichSource(Source):
             self.timings.observe(observation)
         if key is not None:
             samples.extend(self._timing_samples(fresh=observation is not None))
+        samples.append(sample("immich_gpu_exporter_immich_labels_dropped_total", self._queue_cap.dropped, label="queue"))
+        samples.append(sample("immich_gpu_exporter_immich_labels_dropped_total", self._job_cap.dropped, label="job"))
         if isinstance(ping, RequestFailed):
             raise SourceDown(ping.reason, str(ping), tuple(samples))
         if self._accel is not None:
@@ -278,7 +308,8 @@ class ImmichSource(Source):
             return None
         decoded: api.Decoded = queues
         errors.extend(["malformed_entry"] * decoded.malformed)
-        for q in decoded.queues:
+        kept = tuple(q for q in decoded.queues if self._queue_cap.admit(q.name))
+        for q in kept:
             for state in api.EXPOSED_STATES:
                 samples.append(sample("immich_queue_jobs", q.count(state), queue=q.name, state=state))
             samples.append(sample("immich_queue_paused", 1 if q.is_paused else 0, queue=q.name))
@@ -291,12 +322,18 @@ class ImmichSource(Source):
             else:
                 parsed = api.parse_telemetry(tele)
                 errors.extend(["telemetry_malformed"] * parsed.malformed)
-                if parsed.unmapped:
-                    self._once("unmapped:" + ",".join(sorted(parsed.unmapped)), logging.DEBUG,
-                               "telemetry job names without a known queue (ignored): %s",
-                               ", ".join(sorted(parsed.unmapped)))
+                jobs = {j for j, _ in parsed.counters}
+                allowed = {j for j in sorted(jobs) if self._job_cap.admit(j)}
+                if allowed != jobs:
+                    parsed = dataclasses.replace(parsed, counters={k: v for k, v in parsed.counters.items()
+                                                                   if k[0] in allowed},
+                                                 unmapped=parsed.unmapped & allowed)
+                new = parsed.unmapped - self._unmapped_logged
+                if new:  # bounded: only admitted names get here
+                    self._unmapped_logged |= new
+                    log.debug("telemetry job names without a known queue (ignored): %s", ", ".join(sorted(new)))
                 telemetry = parsed.by_queue()
-        return Observation(at, {q.name: q for q in decoded.queues}, telemetry, provider_in_force(self.hub))
+        return Observation(at, {q.name: q for q in kept}, telemetry, provider_in_force(self.hub))
 
     async def _configured_acceleration(self, key: str) -> api.ConfiguredAcceleration | None:
         """ffmpeg.accel/accelDecode from /api/system-config; None if the key may not read it.

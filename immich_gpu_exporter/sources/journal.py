@@ -24,6 +24,7 @@ cursor, else the backfill) and never writes the state file, so it can run beside
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -32,7 +33,8 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from ..core import CollectResult, SourceDown
+from ..core import CollectResult, SourceDown, sample
+from ..files import problem_text, read_small
 from ..mllog import MLState, Parser, event_time, field_text, message_text, strip_ansi
 from ..transcode import TranscodeState
 from .base import Source
@@ -44,9 +46,23 @@ STATE_VERSION = 1
 PERSIST_EVERY = 2.0  # seconds between state writes while entries arrive
 FLUSH_AFTER = 0.15  # seconds of quiet after which a pending Rich record is complete
 BACKOFF_MAX = 30.0
-OUTPUT_FIELDS = "MESSAGE,_SYSTEMD_UNIT,CONTAINER_NAME,_PID,PRIORITY,SYSLOG_IDENTIFIER"
+OUTPUT_FIELDS = "MESSAGE,_SYSTEMD_UNIT,CONTAINER_NAME,_PID,PRIORITY,SYSLOG_IDENTIFIER,_UID,_COMM,_TRANSPORT"
 START_MARKERS = ("Starting gunicorn", "Initializing Immich ML")
 DEFAULT_STATE_DIR = "/var/lib/immich-gpu-exporter"
+
+# Bounds (bytes). journald's own LineMax for a service's stdout is 48K, so real ML lines fit with room;
+# anything bigger was written to be big.
+MAX_MESSAGE_CHARS = 8192  # per line: the parser sees at most this much of one MESSAGE
+MAX_ENTRY_BYTES = 1 << 20  # per entry as journalctl prints it (JSON); a longer one is skipped, counted
+MAX_BACKFILL_BYTES = 32 << 20  # per backfill window; the oldest entries beyond it are left out
+MAX_STATE_BYTES = 32 << 20  # the state file (a few KiB normally)
+SLICE_ENTRIES = 2000  # entries parsed between two returns to the event loop during a backfill
+
+# The container runtimes' own processes. Their entries come through the native journal protocol
+# from root; journald sets the `_`-prefixed fields itself, so no client can forge them. Any local
+# user can write an entry with CONTAINER_NAME=immich_machine_learning (logger --journald), but only
+# with its own _UID.
+CONTAINER_RUNTIME_COMMS = frozenset({"dockerd", "conmon", "podman", "containerd", "crio"})
 
 
 def state_directory(configured: str | None, environ: Any = os.environ) -> str:
@@ -152,6 +168,73 @@ def ml_start_index(entries: list[dict[str, Any]], ml_groups: Callable[[dict[str,
     return 0
 
 
+def trusted(entry: dict[str, Any], units: frozenset[str]) -> bool:
+    """Whether an entry really comes from a watched unit or a container runtime (see above).
+
+    A unit is matched by _SYSTEMD_UNIT (journald derives it from the sender's cgroup). A container
+    name counts only when the entry was written by a container runtime running as root."""
+    unit = entry.get("_SYSTEMD_UNIT")
+    if unit is not None and (unit if type(unit) is str else field_text(unit)) in units:
+        return True
+    if not entry.get("CONTAINER_NAME"):
+        return False
+    return (field_text(entry.get("_UID")) == "0" and field_text(entry.get("_TRANSPORT")) == "journal"
+            and field_text(entry.get("_COMM")) in CONTAINER_RUNTIME_COMMS)
+
+
+def bound_message(entry: dict[str, Any]) -> None:
+    """Cut a huge MESSAGE (str, or a byte array for non-UTF-8 text) to MAX_MESSAGE_CHARS, in place."""
+    m = entry.get("MESSAGE")
+    if m is not None and len(m) > MAX_MESSAGE_CHARS and isinstance(m, (str, list)):
+        entry["MESSAGE"] = m[:MAX_MESSAGE_CHARS]
+
+
+STATE_SHAPE: dict[str, Any] = {
+    # key -> accepted types; the state file is rejected (and set aside) when a known key has another
+    "cursor": (str, type(None)),
+    "parser": dict,
+    "ml": dict,
+    "transcode": dict,
+}
+ML_SHAPE: dict[str, Any] = {
+    "boots": int, "providers_seen": list, "units_seen": list, "preferred": (str, type(None)),
+    "log_effective": (str, type(None)), "workers": dict, "current": dict, "server_healthy": (bool, type(None)),
+    "last_change": (int, float, type(None)), "last_provider_time": (int, float, type(None)), "errors": list,
+    "model_loads": list, "models_seen": list, "exits": dict, "entries": list, "unrecognized": dict,
+}
+
+
+def state_problem(data: Any) -> str | None:
+    """Why a decoded state file cannot be used, or None. Checks every known key's type."""
+    if not isinstance(data, dict):
+        return f"expected an object, got {type(data).__name__}"
+    if data.get("version") != STATE_VERSION:
+        return f"unknown version {str(data.get('version'))[:40]!r}"
+    for shape, where in ((STATE_SHAPE, data), (ML_SHAPE, data.get("ml") or {})):
+        for k, types in shape.items():
+            if k in where and not isinstance(where[k], types) or (types is int and isinstance(where.get(k), bool)):
+                return f"{k} has the wrong type ({type(where[k]).__name__})"
+    ml = data.get("ml") or {}
+    for k in ("providers_seen", "units_seen"):
+        if not all(isinstance(x, str) for x in ml.get(k, ())):
+            return f"{k} holds a non-string"
+    for k in ("errors", "model_loads", "entries"):
+        for row in ml.get(k, ()):
+            if not (isinstance(row, list) and len(row) == 3 and isinstance(row[2], int) and not isinstance(row[2], bool)
+                    and all(isinstance(x, str) for x in row[:2])):
+                return f"{k} holds a malformed row"
+    for k in ("exits", "unrecognized"):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ml.get(k, {}).values()):
+            return f"{k} holds a non-integer"
+    if not all(isinstance(w, dict) for w in ml.get("workers", {}).values()):
+        return "workers holds a non-object"
+    parser = data.get("parser") or {}
+    for k in ("pending", "ep_block"):
+        if not isinstance(parser.get(k, {}), dict) or not all(isinstance(v, list) for v in parser.get(k, {}).values()):
+            return f"parser.{k} has the wrong shape"
+    return None
+
+
 class JournalSource(Source):
     name = "journal"
     after = ("nvml",)
@@ -181,6 +264,9 @@ class JournalSource(Source):
         self._proc: asyncio.subprocess.Process | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._follow_mode = False
+        self._trusted_units = frozenset(self.units + self.server_units)
+        self.dropped: dict[str, int] = {}  # reason -> entries read but not used
+        self._failure_logged = False
 
     # -- journalctl command lines -------------------------------------------------------------------
     def _exe(self) -> str:
@@ -212,10 +298,11 @@ class JournalSource(Source):
         self._loaded = True
         path = os.path.join(self._state_dir, STATE_FILE)
         try:
-            with open(path) as f:
-                data = json.load(f)
-            if data.get("version") != STATE_VERSION:
-                raise ValueError(f"unknown version {data.get('version')!r}")
+            # non-blocking and capped: a FIFO or /dev/zero put there must not hang or fill the daemon
+            data = json.loads(read_small(path, MAX_STATE_BYTES))
+            problem = state_problem(data)
+            if problem is not None:
+                raise ValueError(problem)
             self.parser.load(data.get("parser") or {})
             self.ml.load(data.get("ml") or {})
             self.transcode.load(data.get("transcode") or {})
@@ -224,10 +311,24 @@ class JournalSource(Source):
                 log.info("journal: resuming after the persisted cursor (%s)", path)
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            log.warning("journal: ignoring unreadable state file %s: %s", path, e)
-            self.parser, self.ml = Parser(self.server_units, self.server_containers), MLState(self.ml.grace)
-            self.transcode = TranscodeState(self.transcode.window)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            self._set_aside(path, problem_text(e) if isinstance(e, OSError) else str(e) or type(e).__name__)
+
+    def _set_aside(self, path: str, why: str) -> None:
+        """One warning; the bad state file is renamed (kept for a post-mortem) and we start afresh."""
+        aside = f"{path}.bad"
+        try:
+            os.replace(path, aside)
+            where = f"moved to {aside}"
+        except OSError as e:
+            where = f"could not move it aside: {e.strerror or e}"
+        log.warning("journal: unusable state file %s (%s); %s; starting afresh with a backfill", path, why, where)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parser, self.ml = Parser(self.server_units, self.server_containers), MLState(self.ml.grace)
+        self.transcode = TranscodeState(self.transcode.window)
+        self.cursor = None
 
     def _open_state_dir(self) -> None:
         try:
@@ -280,8 +381,12 @@ class JournalSource(Source):
             for line in lines:
                 self.apply_line(line)
             return
-        feed, apply, server = self.parser.feed, self.ml.apply, self._server_line
+        feed, apply, server, units = self.parser.feed, self.ml.apply, self._server_line, self._trusted_units
         for entry in batch:
+            if not trusted(entry, units):
+                self.dropped["untrusted"] = self.dropped.get("untrusted", 0) + 1
+                continue
+            bound_message(entry)
             for ev in feed(entry):
                 apply(ev)
             server(entry)
@@ -299,10 +404,14 @@ class JournalSource(Source):
 
     def apply_entry(self, entry: dict[str, Any]) -> None:
         apply = self.ml.apply
-        for ev in self.parser.feed(entry):
-            apply(ev)
+        if trusted(entry, self._trusted_units):
+            bound_message(entry)
+            for ev in self.parser.feed(entry):
+                apply(ev)
+            self._server_line(entry)
+        else:
+            self.dropped["untrusted"] = self.dropped.get("untrusted", 0) + 1
         self._mark_read(entry)
-        self._server_line(entry)
         c = entry.get("__CURSOR")
         if c:
             self.cursor = c
@@ -364,20 +473,35 @@ class JournalSource(Source):
         err_task = asyncio.create_task(read_err())
         assert proc.stdout is not None
         rest = b""
+        skipping = False  # inside an entry over MAX_ENTRY_BYTES: drop bytes until its newline
         try:
             while True:
                 chunk = await proc.stdout.read(1 << 18)
                 if not chunk:
                     break
+                if skipping:
+                    nl = chunk.find(b"\n")
+                    if nl < 0:
+                        continue
+                    chunk, skipping = chunk[nl + 1:], False
                 buf = rest + chunk
                 cut = buf.rfind(b"\n") + 1
                 rest = buf[cut:]
+                if len(rest) > MAX_ENTRY_BYTES:
+                    self.dropped["oversized"] = self.dropped.get("oversized", 0) + 1
+                    rest, skipping = b"", True
                 if cut:
                     # journalctl's JSON is ASCII/UTF-8 (non-UTF-8 fields come as byte arrays)
-                    self.apply_lines([x for x in buf[:cut].decode("utf-8", "replace").split("\n") if x])
+                    lines = [x for x in buf[:cut].decode("utf-8", "replace").split("\n") if x]
+                    if any(len(x) > MAX_ENTRY_BYTES for x in lines):
+                        n = len(lines)
+                        lines = [x for x in lines if len(x) <= MAX_ENTRY_BYTES]
+                        self.dropped["oversized"] = self.dropped.get("oversized", 0) + n - len(lines)
+                    self.apply_lines(lines)
                 if on_chunk is not None:
                     on_chunk()
-            if rest.strip():
+                await asyncio.sleep(0)  # one chunk (256 KiB) parsed: let the scrape and other sources run
+            if rest.strip() and not skipping:
                 self.apply_line(rest)
             rc = await proc.wait()
             await err_task
@@ -405,27 +529,75 @@ class JournalSource(Source):
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                     limit=1 << 20)
         self._proc = proc
+        lines: collections.deque[bytes] = collections.deque()
+        held = 0
+        err_parts: list[bytes] = []
+
+        async def read_err() -> None:
+            assert proc.stderr is not None
+            while chunk := await proc.stderr.read(4096):
+                if sum(map(len, err_parts)) < 16384:
+                    err_parts.append(chunk)
+
+        err_task = asyncio.create_task(read_err())
         try:
-            out, err = await proc.communicate()
+            # Streamed, not communicate(): the window is held in at most MAX_BACKFILL_BYTES (the
+            # newest entries win), and an entry over MAX_ENTRY_BYTES is skipped.
+            assert proc.stdout is not None
+            rest, skipping = b"", False
+            while chunk := await proc.stdout.read(1 << 18):
+                if skipping:
+                    nl = chunk.find(b"\n")
+                    if nl < 0:
+                        continue
+                    chunk, skipping = chunk[nl + 1:], False
+                buf = rest + chunk
+                parts = buf.split(b"\n")
+                rest = parts.pop()
+                if len(rest) > MAX_ENTRY_BYTES:
+                    self.dropped["oversized"] = self.dropped.get("oversized", 0) + 1
+                    rest, skipping = b"", True
+                for line in parts:
+                    if not line.strip():
+                        continue
+                    if len(line) > MAX_ENTRY_BYTES:
+                        self.dropped["oversized"] = self.dropped.get("oversized", 0) + 1
+                        continue
+                    lines.append(line)
+                    held += len(line)
+                    while held > MAX_BACKFILL_BYTES:
+                        held -= len(lines.popleft())
+            if rest.strip() and not skipping:
+                lines.append(rest)
+            await proc.wait()
+            await err_task
         finally:
+            err_task.cancel()
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
             self._proc = None
         entries = []
-        for line in out.split(b"\n"):
-            if line.strip():
-                try:
-                    entries.append(json.loads(line))
-                except ValueError:
-                    pass
-        start = ml_start_index(entries, self._is_ml)
+        while lines:
+            try:
+                e = json.loads(lines.popleft())
+            except ValueError:
+                continue
+            if isinstance(e, dict):
+                bound_message(e)
+                entries.append(e)
+            if len(entries) % SLICE_ENTRIES == 0:
+                await asyncio.sleep(0)
+        units = self._trusted_units  # a forged start line must not hide the real ones before it
+        start = ml_start_index(entries, lambda e: self._is_ml(e) and trusted(e, units))
         for i, e in enumerate(entries):
             if i >= start or not self._is_ml(e):
                 self.apply_entry(e)
             elif e.get("__CURSOR"):
                 self.cursor = e["__CURSOR"]
-        return proc.returncode or 0, err.decode(errors="replace")
+            if i % SLICE_ENTRIES == SLICE_ENTRIES - 1:
+                await asyncio.sleep(0)
+        return proc.returncode or 0, b"".join(err_parts).decode(errors="replace")
 
     # -- daemon mode -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -487,6 +659,13 @@ class JournalSource(Source):
                              f": {_first_line(f.err)}" if f.err.strip() else "")
             except OSError as e:
                 self._down = SourceDown("no_journalctl", f"cannot run journalctl: {e}")
+            except Exception as e:  # noqa: BLE001 - a bug or a poisoned state must not end the follower
+                if not self._failure_logged:
+                    log.warning("journal: reading failed (%s: %s); starting afresh with a backfill",
+                                type(e).__name__, e)
+                    self._failure_logged = True
+                self._down = SourceDown("error", f"{type(e).__name__}: {e}")
+                self._reset()
             if self.entries_read > before:
                 backoff = 1.0
             await asyncio.sleep(backoff)
@@ -515,11 +694,15 @@ class JournalSource(Source):
             self.ml.observe_gpu(now, float(mem))
         else:
             self.ml.observe_gpu(now, None)
+        dropped = [sample("immich_gpu_exporter_journal_entries_dropped_total", self.dropped.get(r, 0), reason=r)
+                   for r in ("untrusted", "oversized")]
+        dropped += [sample("immich_gpu_exporter_journal_labels_dropped_total", n, label=label)
+                    for label, n in sorted(getattr(self.ml, "labels_dropped", {}).items())]
         if not self.ml.entries and self.hub.facts("docker").get("ml_logs"):
             # The ML service is a container logging to a file that the docker source reads: this
             # journal has nothing of it, and its empty verdict must not stand beside that one.
-            return CollectResult(tuple(self.transcode.samples()), dict(self.transcode.facts()))
-        return CollectResult(tuple(self.ml.samples()) + tuple(self.transcode.samples()),
+            return CollectResult(tuple(dropped) + tuple(self.transcode.samples()), dict(self.transcode.facts()))
+        return CollectResult(tuple(self.ml.samples()) + tuple(dropped) + tuple(self.transcode.samples()),
                              {**self.ml.facts(), **self.transcode.facts()})
 
     async def _read_window(self) -> None:

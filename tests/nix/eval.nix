@@ -18,6 +18,8 @@ let
       psutil = dep "psutil";
       aiohttp = dep "aiohttp";
       pystemd = dep "pystemd";
+      bcrypt = dep "bcrypt";
+      pyyaml = dep "pyyaml";
     };
   libForPackages = lib // {
     # fileset is only used to select the package's sources; the stub keeps the root.
@@ -28,6 +30,7 @@ let
   pkgs = {
     callPackage = fn: args: import fn ({ lib = libForPackages; inherit python3Packages; } // args);
     immich = { name = "immich"; outPath = store "immich"; };
+    coreutils = { name = "coreutils"; outPath = store "coreutils"; };
   };
   eval = lib.evalModules {
     modules = [ ./nixos-stubs.nix ./immich-stub.nix ../../deploy/nixos/module.nix ../../deploy/nixos/immich-gpu.nix config ];

@@ -181,6 +181,8 @@ class FakeImmich:
         self.status: dict[str, int] = {}
         self.delay: dict[str, float] = {}
         self.garbage: set[str] = set()
+        self.huge: dict[str, int] = {}  # path -> bytes of an endless-looking JSON answer, streamed chunked
+        self.extra_telemetry: list[str] = []  # lines appended to the telemetry exposition
         self.extra_queues: dict[str, dict[str, int]] = {}  # names a newer release would add
         self.broken_entries: set[str] = set()  # queue names whose entry loses a required field
         self.ml_up = True
@@ -252,8 +254,29 @@ class FakeImmich:
         if delay:
             await asyncio.sleep(delay)
         with self.lock:
+            huge = self.huge.get(path)
+        if huge:
+            return await self._stream_huge(request, huge)
+        with self.lock:
             resp, tag = self._answer(request, path)
             self.responses.append(Response(request.method, path, resp.status, resp.body or b"", tag, "api"))
+        return resp
+
+    async def _stream_huge(self, request: web.Request, size: int) -> web.StreamResponse:
+        """A JSON array of `size` bytes, chunked (no Content-Length): the client cannot tell in
+        advance; it must stop reading by itself."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        chunk = b"[" + b"0," * (1 << 19)
+        sent = 0
+        try:
+            while sent < size:
+                await resp.write(chunk)
+                sent += len(chunk)
+                chunk = chunk[1:] if chunk[:1] == b"[" else chunk
+        except (ConnectionError, RuntimeError):
+            pass  # the client hung up, as it should
         return resp
 
     def _answer(self, request: web.Request, path: str) -> tuple[web.Response, str]:
@@ -343,7 +366,7 @@ class FakeImmich:
                                           dict(request.headers), b"", "telemetry"))
             if not self.telemetry or request.path != "/metrics":
                 return web.Response(status=404, text="not found")
-            text = self.telemetry_text(self.clock())
+            text = self.telemetry_text(self.clock()) + "".join(line + "\n" for line in self.extra_telemetry)
         return web.Response(text=text, content_type="text/plain")
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -51,8 +51,11 @@ def entries(lines: Iterable[str], unit: str = ML_UNIT, pid: int = 4242, clock: C
         f: dict[str, str | bytes] = {"__REALTIME_TIMESTAMP": rt, "__MONOTONIC_TIMESTAMP": mono, "_BOOT_ID": BOOT_ID,
                                      "PRIORITY": str(priority)}
         if container:
-            f.update({"_SYSTEMD_UNIT": "docker.service", "_PID": "900", "CONTAINER_NAME": container,
-                      "SYSLOG_IDENTIFIER": container})
+            # what journald records for Docker's journald log driver: dockerd (root) sends each line
+            # over the native protocol; the `_` fields are journald's own, not the sender's
+            f.update({"_SYSTEMD_UNIT": "docker.service", "_PID": "900", "_UID": "0", "_GID": "0",
+                      "_COMM": "dockerd", "_EXE": "/usr/bin/dockerd", "_TRANSPORT": "journal",
+                      "CONTAINER_NAME": container, "SYSLOG_IDENTIFIER": container})
         else:
             f.update({"_SYSTEMD_UNIT": unit, "_PID": str(pid), "SYSLOG_IDENTIFIER": unit.split(".")[0]})
         f["MESSAGE"] = line

@@ -40,7 +40,8 @@ class Prometheus:
                  *, scrape_interval: str = "1s", evaluation_interval: str = "1s",
                  rule_files: Sequence[pathlib.Path | str] = (), alertmanager_url: str | None = None,
                  metrics_path: str = "/metrics", extra_args: Sequence[str] = (),
-                 target_labels: Mapping[str, Mapping[str, str]] | None = None) -> None:
+                 target_labels: Mapping[str, Mapping[str, str]] | None = None,
+                 job_settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.dir = pathlib.Path(workdir) / f"prometheus-{free_port()}"
         self.dir.mkdir(parents=True)
         self.port = free_port()
@@ -53,6 +54,7 @@ class Prometheus:
         self.alertmanager_url = alertmanager_url
         self.metrics_path = metrics_path
         self.extra_args = list(extra_args)
+        self.job_settings = dict(job_settings or {})  # per job: scheme, tls_config, basic_auth...
         self.target_labels = {job: dict(v) for job, v in (target_labels or {}).items()}  # job -> static labels
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "prometheus.log"
@@ -64,7 +66,8 @@ class Prometheus:
             "scrape_configs": [
                 {"job_name": job, "metrics_path": self.metrics_path,
                  "static_configs": [{"targets": t, **({"labels": self.target_labels[job]}
-                                                      if job in self.target_labels else {})}]}
+                                                      if job in self.target_labels else {})}],
+                 **self.job_settings.get(job, {})}
                 for job, t in self.targets.items()
             ],
         }

@@ -1,0 +1,183 @@
+"""Fault injection with real components: one exporter with all four sources, faults one at a time.
+
+Peers: a real systemd + journald + dbus-daemon in namespaces (tests/support/nested_systemd.py) running
+a fake ML unit that prints the lines we hand it (so they reach the real journald as the unit's
+stdout), the gcc-built fake libnvidia-ml.so.1 scripted through its scenario file, and the fake
+Immich API on loopback. For each fault: the affected source goes down with a reason within one
+interval (plus a deadline for slow machines, never a speed assertion), the other sources keep
+updating, /metrics keeps answering, the source recovers by itself, and the journal counters stay
+exact (every line the unit printed is counted exactly once).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.support.exposition import parse, value
+from tests.support.fake_immich import FakeImmich, Key, QueueSim
+from tests.support.nested_systemd import NestedSystemd, nested_systemd  # noqa: F401  (registers the fixture)
+from tests.support.nvml import Gpu, Scenario, build_fake_nvml, env_for
+from tests.support.proc import Exporter, wait_for
+
+pytestmark = pytest.mark.integration
+
+ML_UNIT = "immich-machine-learning.service"
+KEY = "faults-key-0a1b2c3d4e"
+INTERVAL = 0.5
+DEADLINE = 15.0  # for slow machines; a fault must show within one interval in practice
+
+# The ML unit: prints every line appended to a spool file, one journal entry per line.
+PRINTER = r'''
+import sys, time
+path = sys.argv[1]
+pos = 0
+print("Starting gunicorn 23.0.0", flush=True)
+while True:
+    with open(path) as f:
+        f.seek(pos)
+        data = f.read()
+    if data.endswith("\n"):
+        pos += len(data)
+        for line in data.splitlines():
+            print(line, flush=True)
+    time.sleep(0.05)
+'''
+
+
+class Rig:
+    def __init__(self, ns: NestedSystemd, tmp: pathlib.Path, fake: FakeImmich) -> None:
+        self.ns, self.tmp, self.fake = ns, tmp, fake
+        self.spool = ns.base / "ml-spool.txt"
+        self.spool.write_text("")
+        self.printed = 1  # "Starting gunicorn"
+        script = ns.base / "printer.py"
+        script.write_text(PRINTER)
+        ns.add_unit(ML_UNIT, f"[Service]\nExecStart=/usr/bin/python3 -u {script} {self.spool}\n")
+        ns.start_unit(ML_UNIT)
+        self.lib = build_fake_nvml(tmp / "nvml")
+        self.scenario = Scenario(tmp / "scenario", gpus=[Gpu()])
+        self.scenario.compute(os.getpid(), 256 << 20).write()
+        args = [f"--systemd.unit={ML_UNIT}", f"--systemd.cgroup-root={ns.cgroup}", f"--journal.unit={ML_UNIT}",
+                f"--journal.directory={ns.journal_dir}", f"--state.directory={tmp / 'state'}",
+                f"--immich.url={fake.url}", f"--immich.ml-url={fake.ml_url}", "--immich.timeout=1",
+                f"--collection.interval={INTERVAL}", f"--nvml.interval={INTERVAL}", f"--systemd.interval={INTERVAL}",
+                f"--immich.interval={INTERVAL}", f"--docker.socket={tmp / 'docker.sock'}", "--log.level=info"]
+        env = env_for(self.lib, self.scenario) | {"DBUS_SYSTEM_BUS_ADDRESS": ns.bus_address,
+                                                   "IMMICH_GPU_EXPORTER_IMMICH_API_KEY": KEY}
+        self.exporter = Exporter(args, env=env, log_path=tmp / "exporter.log").start(timeout=30)
+
+    def print_lines(self, n: int, tag: str) -> None:
+        with self.spool.open("a") as f:
+            for i in range(n):
+                f.write(f"[07/30/26 12:00:00] INFO     fault-suite {tag} line {i}\n")
+        self.printed += n
+
+    def metrics(self) -> dict:
+        return parse(self.exporter.metrics())
+
+    def up(self, source: str) -> float | None:
+        return value(self.metrics(), "immich_gpu_exporter_source_up", source=source)
+
+    def last_success(self) -> dict[str, float]:
+        m = self.metrics()
+        return {s: value(m, "immich_gpu_exporter_source_last_success_timestamp_seconds", source=s) or 0.0
+                for s in ("nvml", "systemd", "journal", "immich")}
+
+    def entries_counted(self) -> float:
+        m = self.metrics()
+        return sum(v for (name, labels), v in m.items()
+                   if name == "immich_ml_log_entries_total" and ("unit", ML_UNIT) in labels)
+
+    def check_fault(self, affected: str, reason_prefix: str, inject, repair) -> None:
+        """Inject; the affected source goes down with a reason, the others keep updating; repair; back up."""
+        before = self.last_success()
+        errors_before = self._errors(affected)
+        inject()
+        wait_for(lambda: self.up(affected) == 0, DEADLINE, what=f"{affected} down")
+        after_errors = self._errors(affected)
+        new = {r for r, n in after_errors.items() if n > errors_before.get(r, 0)}
+        assert any(r.startswith(reason_prefix) for r in new), (affected, new)
+        # the others keep updating while it is down, and /metrics answers throughout
+        others = [s for s in before if s != affected]
+        wait_for(lambda: all(self.last_success()[s] > before[s] for s in others), DEADLINE,
+                 what=f"others updating while {affected} is down")
+        repair()
+        wait_for(lambda: self.up(affected) == 1, DEADLINE * 2, what=f"{affected} back")
+        assert self.exporter.proc.poll() is None
+
+    def _errors(self, source: str) -> dict[str, float]:
+        return {dict(labels)["reason"]: v for (name, labels), v in self.metrics().items()
+                if name == "immich_gpu_exporter_source_errors_total" and dict(labels).get("source") == source}
+
+
+def test_each_fault_takes_down_only_its_source_which_recovers_alone(nested_systemd: NestedSystemd, tmp_path):
+    sim = QueueSim("smartSearch", concurrency=1, job_seconds=0.5,
+                   arrivals=[time.monotonic() + i for i in range(600)])
+    with FakeImmich(queues=[sim], keys={KEY: Key()}) as fake:
+        rig = Rig(nested_systemd, tmp_path, fake)
+        ex = rig.exporter
+        try:
+            wait_for(lambda: all(rig.up(s) == 1 for s in ("nvml", "systemd", "journal", "immich")), DEADLINE,
+                     what="every source up")
+            rig.print_lines(20, "baseline")
+            wait_for(lambda: rig.entries_counted() == rig.printed, DEADLINE, what="baseline lines counted")
+
+            # Immich: down (5xx), slow (beyond the timeout), garbage; each recovers without a restart
+            for path, fault, reason in (("/api/server/ping", "status", "http_5xx"),
+                                        ("/api/server/ping", "delay", "timeout"),
+                                        ("/api/server/ping", "garbage", "")):
+                def inject(path=path, fault=fault):
+                    with fake.lock:
+                        if fault == "status":
+                            fake.status[path] = 503
+                        elif fault == "delay":
+                            fake.delay[path] = 5.0
+                        else:
+                            fake.huge[path] = 20 << 20
+                def repair(path=path):
+                    with fake.lock:
+                        fake.status.pop(path, None)
+                        fake.delay.pop(path, None)
+                        fake.huge.pop(path, None)
+                rig.check_fault("immich", reason, inject, repair)
+
+            # NVML: the GPU is lost, then comes back
+            def gpu_lost():
+                rig.scenario.fail("nvmlDeviceGetHandleByIndex_v2", "gpu_is_lost").write()
+            def gpu_back():
+                rig.scenario.clear_fails().write()
+            rig.check_fault("nvml", "", gpu_lost, gpu_back)
+
+            # the system bus: dbus-daemon stopped, then started again
+            def bus_down():
+                rig.ns.run("systemctl", "stop", "dbus.socket", "dbus.service", check=True)
+            def bus_up():
+                rig.ns.run("systemctl", "start", "dbus.socket", "dbus.service", check=True)
+            rig.check_fault("systemd", "no_bus", bus_down, bus_up)
+
+            # journalctl killed, lines printed while it is gone: counted once each, nothing lost
+            journalctl = [p for p in psutil.Process(ex.proc.pid).children() if p.name() == "journalctl"]
+            assert journalctl
+            rig.print_lines(10, "before-kill")
+            wait_for(lambda: rig.entries_counted() == rig.printed, DEADLINE, what="lines before the kill")
+            for p in journalctl:
+                p.send_signal(signal.SIGKILL)
+            rig.print_lines(15, "while-dead")
+            wait_for(lambda: rig.entries_counted() == rig.printed, DEADLINE, what="lines after the kill")
+
+            # the journal rotated under the reader: still exact
+            rig.ns.run("journalctl", "--rotate", check=True)
+            rig.print_lines(12, "after-rotate")
+            wait_for(lambda: rig.entries_counted() == rig.printed, DEADLINE, what="lines after rotation")
+            time.sleep(1.0)
+            assert rig.entries_counted() == rig.printed  # and not counted twice
+            assert all(rig.up(s) == 1 for s in ("nvml", "systemd", "journal", "immich"))
+        finally:
+            ex.stop()
+    assert "Traceback" not in ex.logs()
