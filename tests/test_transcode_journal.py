@@ -36,7 +36,9 @@ def server_entries(lines: list[dict], container: str | None = None) -> bytes:
         f: dict[str, str | bytes] = {"__REALTIME_TIMESTAMP": str(rt), "__MONOTONIC_TIMESTAMP": str(rt - 1_785_000_000_000_000),
                                      "_BOOT_ID": BOOT_ID}
         if container:
-            f.update({"_SYSTEMD_UNIT": "docker.service", "_PID": "900", "CONTAINER_NAME": container,
+            # journald's own fields of an entry that dockerd (root) wrote: the only container entries trusted
+            f.update({"_SYSTEMD_UNIT": "docker.service", "_PID": "900", "_UID": "0", "_COMM": "dockerd",
+                      "_TRANSPORT": "journal", "CONTAINER_NAME": container,
                       "SYSLOG_IDENTIFIER": container, "PRIORITY": "3" if x["stream"] == "stderr" else "6"})
         else:
             f.update({"_SYSTEMD_UNIT": SERVER_UNIT, "_PID": "7", "SYSLOG_IDENTIFIER": "immich", "PRIORITY": "6"})
