@@ -6,29 +6,15 @@ from __future__ import annotations
 
 import pathlib
 
-import yaml
 
 from tests.support.alertmanager import Alertmanager
 from tests.support.exposition import value
 from tests.support.journal import write_journal
-from tests.support.prometheus import Prometheus
+from tests.support.prometheus import Prometheus, shortened_rules
 from tests.support.proc import Exporter, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RULES = ROOT / "deploy/prometheus/immich-gpu-exporter.rules.yml"
 
-
-def shortened_rules(tmp_path: pathlib.Path) -> pathlib.Path:
-    """The shipped rules with every `for:` at 1s: the only change, so the expressions are the real ones."""
-    spec = yaml.safe_load(RULES.read_text())
-    for group in spec["groups"]:
-        group["interval"] = "1s"
-        for rule in group["rules"]:
-            if "for" in rule:
-                rule["for"] = "1s"
-    out = tmp_path / "rules-fast.yml"
-    out.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return out
 
 
 def test_cpu_fallback_reaches_a_real_alertmanager(tmp_path):

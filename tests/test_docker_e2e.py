@@ -15,7 +15,7 @@ from tests.support.journal import FIXTURES
 from tests.support.nvml import Scenario, build_fake_nvml, env_for
 from tests.support.prometheus import Prometheus
 from tests.support.proc import Exporter, wait_for
-from tests.test_alert_e2e import shortened_rules
+from tests.support.prometheus import shortened_rules
 
 ML = "immich_machine_learning"
 SERVER = "immich-immich-server-1"  # compose's default name: matches no component.* glob, found by image

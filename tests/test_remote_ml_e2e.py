@@ -26,19 +26,17 @@ import time
 import uuid
 
 import pytest
-import yaml
 
 from tests.support import dashboard, journal as jr
 from tests.support.exposition import parse, value
 from tests.support.fake_immich import FakeImmich, Key, QueueSim
 from tests.support.nvml import CgroupTree, Gpu, Scenario, build_fake_nvml, env_for
-from tests.support.prometheus import Prometheus
+from tests.support.prometheus import Prometheus, shortened_rules
 from tests.support.proc import Exporter, wait_for
 
 pytestmark = pytest.mark.integration
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RULES = ROOT / "deploy/prometheus/immich-gpu-exporter.rules.yml"
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 KEY = "remote-ml-key-41c7"
 ML_UNIT = "immich-machine-learning.service"
@@ -47,17 +45,6 @@ RESTART = 3.0  # seconds the ML service is away while it is switched to CUDA: no
 JOB_SECONDS = {CPU: 0.5, CUDA: 0.125}
 WORKER_BYTES = 1200 * 2**20
 
-
-def shortened_rules(tmp: pathlib.Path) -> pathlib.Path:
-    spec = yaml.safe_load(RULES.read_text())
-    for group in spec["groups"]:
-        group["interval"] = "1s"
-        for rule in group["rules"]:
-            if "for" in rule:
-                rule["for"] = "1s"
-    out = tmp / "rules-fast.yml"
-    out.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return out
 
 
 def fallback_export() -> bytes:

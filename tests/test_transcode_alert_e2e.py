@@ -14,7 +14,7 @@ from tests.support.exposition import value
 from tests.support.journal import write_journal
 from tests.support.prometheus import Prometheus, available
 from tests.support.proc import Exporter, wait_for
-from tests.test_alert_e2e import shortened_rules
+from tests.support.prometheus import shortened_rules
 from tests.test_transcode_journal import scenario, server_entries
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not available(), reason="prometheus is not installed")]

@@ -180,3 +180,21 @@ class Prometheus:
 
     def now(self) -> float:
         return time.time()
+
+
+SHIPPED_RULES = pathlib.Path(__file__).resolve().parents[2] / "deploy/prometheus/immich-gpu-exporter.rules.yml"
+
+
+def shortened_rules(tmp_path: pathlib.Path) -> pathlib.Path:
+    """The shipped rules with every `for:` at 1s: the only change, so the expressions are the real ones."""
+    import yaml
+
+    spec = yaml.safe_load(SHIPPED_RULES.read_text())
+    for group in spec["groups"]:
+        group["interval"] = "1s"
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = "1s"
+    out = tmp_path / "rules-fast.yml"
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
