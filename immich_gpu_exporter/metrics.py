@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .core import LabelPairs, Sample, Snapshot
 
@@ -28,7 +28,7 @@ FRESHNESS = (
 @dataclasses.dataclass(frozen=True)
 class MetricDef:
     name: str
-    type: str  # "gauge" or "counter"
+    type: str  # "gauge", "counter" or "histogram" (samples NAME_bucket{le}, NAME_count, NAME_sum)
     help: str
     labels: tuple[str, ...] = ()
     source: str = "exporter"  # the source that emits it, for the docs
@@ -38,6 +38,8 @@ class MetricDef:
             raise ValueError(f"counter {self.name} must end in _total")
         if self.type != "counter" and self.name.endswith("_total"):
             raise ValueError(f"gauge {self.name} must not end in _total")
+        if self.type == "histogram" and "le" in self.labels:
+            raise ValueError(f"histogram {self.name}: le is the bucket label, not a declared one")
 
 
 def _m(name: str, type_: str, help_: str, labels: Iterable[str] = (), source: str = "exporter") -> MetricDef:
@@ -204,6 +206,26 @@ _DEFS: list[MetricDef] = [
        "immich"),
     _m("immich_queue_drain_eta_seconds", "gauge",
        "Estimated seconds until the busy queue's backlog is empty, at the current run's rate.", ("queue",), "immich"),
+    # --- latency, from the server's own telemetry (docs/latency.md) -----------------------------
+    _m("immich_ml_call_duration_seconds", "histogram",
+       "Duration of the Immich server's successful calls to the machine-learning service, by call (encode_image, "
+       "encode_text, detect_faces, ocr), as the server's telemetry measures them (repository group, both "
+       "processes), re-exported in seconds with Immich's own bucket boundaries and labelled with the ONNX "
+       "execution provider in force when the exporter read them (empty before a verdict). Counted from the "
+       "exporter's start; a server restart is not a reset here.", ("call", "provider"), "immich"),
+    _m("immich_smart_search_query_duration_seconds", "histogram",
+       "Duration of the server's smart-search database query (the search repository's searchSmart, API process), "
+       "in seconds, by the provider in force. A Smart Search request costs this plus an encode_text ML call "
+       "when the query's embedding is not cached: mean response time = (sum of both _sum) / this _count "
+       "(docs/latency.md).", ("provider",), "immich"),
+    _m("immich_server_telemetry_repo_enabled", "gauge",
+       "1 if the server process's telemetry serves the repository-method durations that latency needs "
+       "(IMMICH_TELEMETRY_INCLUDE has repo or all), 0 if its telemetry answers without them; absent when its "
+       "telemetry URL is not configured or does not answer. worker is api (port 8081) or microservices (8082).",
+       ("worker",), "immich"),
+    _m("immich_server_telemetry_series_dropped_total", "counter",
+       "Telemetry histogram series the exporter ignored, by reason (unknown_call: a machine-learning method it "
+       "does not know; malformed: a line that did not parse).", ("reason",), "immich"),
     # --- NVML --------------------------------------------------------------------
     _m("immich_gpu_info", "gauge", "A GPU seen by NVML; always 1.", ("gpu", "uuid", "name", "driver_version"),
        "nvml"),
@@ -248,6 +270,37 @@ _DEFS: list[MetricDef] = [
 METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}
 assert len(METRICS) == len(_DEFS), "duplicate metric definition"
 
+# A histogram's samples are named NAME_bucket (with an `le` label), NAME_count and NAME_sum.
+HISTOGRAM_PARTS = (("_bucket", 0), ("_count", 1), ("_sum", 2))
+_PART_OF: dict[str, tuple[MetricDef, int]] = {
+    d.name + suffix: (d, rank) for d in _DEFS if d.type == "histogram" for suffix, rank in HISTOGRAM_PARTS}
+
+
+def definition(sample_name: str) -> MetricDef | None:
+    """The definition a sample belongs to (a histogram's _bucket/_count/_sum samples belong to it)."""
+    d = METRICS.get(sample_name)
+    if d is not None and d.type != "histogram":
+        return d
+    part = _PART_OF.get(sample_name)
+    return part[0] if part else None
+
+
+def _le(labels: LabelPairs) -> float:
+    for k, v in labels:
+        if k == "le":
+            return float(v)
+    return math.inf
+
+
+def _without_le(labels: LabelPairs) -> LabelPairs:
+    return tuple(p for p in labels if p[0] != "le")
+
+
+def _hist_order(s: Sample) -> tuple:
+    """Histogram samples grouped by label set: buckets by ascending le, then _count, then _sum."""
+    rank = _PART_OF[s.name][1]
+    return (_without_le(s.labels), rank, _le(s.labels) if rank == 0 else 0.0)
+
 
 class UnknownMetric(ValueError):
     pass
@@ -255,12 +308,13 @@ class UnknownMetric(ValueError):
 
 def check_sample(s: Sample) -> None:
     """Raise if a sample names an undefined metric or the wrong label set (used by tests)."""
-    d = METRICS.get(s.name)
+    d = definition(s.name)
     if d is None:
         raise UnknownMetric(f"{s.name} is not defined in metrics.METRICS")
     got = tuple(k for k, _ in s.labels)
-    if tuple(sorted(d.labels)) != got:
-        raise UnknownMetric(f"{s.name}: labels {got} != defined {tuple(sorted(d.labels))}")
+    want = d.labels + (("le",) if d.type == "histogram" and s.name.endswith("_bucket") else ())
+    if tuple(sorted(want)) != got:
+        raise UnknownMetric(f"{s.name}: labels {got} != defined {tuple(sorted(want))}")
 
 
 def self_health_samples(snapshot: Snapshot) -> Iterator[Sample]:
@@ -290,16 +344,20 @@ def grouped(snapshot: Snapshot) -> list[tuple[MetricDef, list[Sample]]]:
         by_name.setdefault(s.name, []).append(s)
     for _, st in sorted(snapshot.sources.items()):
         for s in st.samples:
-            by_name.setdefault(s.name, []).append(s)
+            part = _PART_OF.get(s.name)
+            by_name.setdefault(part[0].name if part else s.name, []).append(s)
     out: list[tuple[MetricDef, list[Sample]]] = []
     for d in _DEFS:
         samples = by_name.get(d.name)
         if not samples:
             continue
-        unique: dict[LabelPairs, Sample] = {}
+        unique: dict[tuple[str, LabelPairs], Sample] = {}
         for s in samples:  # two places must never emit the same series; the first wins
-            unique.setdefault(s.labels, s)
-        out.append((d, [unique[k] for k in sorted(unique)]))
+            unique.setdefault((s.name, s.labels), s)
+        if d.type == "histogram":
+            out.append((d, sorted(unique.values(), key=_hist_order)))
+        else:
+            out.append((d, [unique[k] for k in sorted(unique)]))
     return out
 
 
@@ -308,10 +366,24 @@ def families(snapshot: Snapshot) -> list[Metric]:
 
 
 def _to_families(groups: list[tuple[MetricDef, list[Sample]]]) -> list[Metric]:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     out: list[Metric] = []
     for d, samples in groups:
+        if d.type == "histogram":
+            hist = HistogramMetricFamily(d.name, _help(d), labels=d.labels)
+            sets: dict[LabelPairs, dict[str, Any]] = {}
+            for s in samples:
+                one = sets.setdefault(_without_le(s.labels), {"buckets": [], "sum": 0.0})
+                if s.name.endswith("_bucket"):
+                    one["buckets"].append((dict(s.labels)["le"], s.value))
+                elif s.name.endswith("_sum"):
+                    one["sum"] = s.value
+            for labels, one in sets.items():
+                lab = dict(labels)
+                hist.add_metric([lab.get(n, "") for n in d.labels], one["buckets"], one["sum"])
+            out.append(hist)
+            continue
         if d.type == "counter":
             fam: Metric = CounterMetricFamily(d.name[: -len("_total")], _help(d), labels=d.labels)
         else:
@@ -349,6 +421,13 @@ def go_float(v: float) -> str:
     return f"{mantissa}e+{point - 1:02d}"
 
 
+def _ordered(labels: LabelPairs) -> LabelPairs:
+    """Label pairs as written: sorted by name, a histogram bucket's `le` last (as client_python does)."""
+    if labels and labels[-1][0] != "le" and any(k == "le" for k, _ in labels):
+        return _without_le(labels) + tuple(p for p in labels if p[0] == "le")
+    return labels
+
+
 def render_text(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
     """Text format 0.0.4. Hand-written because it is the hot part of every snapshot change
     (several times faster than building client_python families), with client_python's value
@@ -359,11 +438,12 @@ def render_text(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
         add(f"# HELP {d.name} {_esc_help(_help(d))}")
         add(f"# TYPE {d.name} {d.type}")
         for s in samples:
-            if s.labels:
-                labels = ",".join(f'{k}="{_esc_label(v)}"' for k, v in s.labels)
-                add(f"{d.name}{{{labels}}} {go_float(s.value)}")
+            labels = _ordered(s.labels)
+            if labels:
+                text = ",".join(f'{k}="{_esc_label(v)}"' for k, v in labels)
+                add(f"{s.name}{{{text}}} {go_float(s.value)}")
             else:
-                add(f"{d.name} {go_float(s.value)}")
+                add(f"{s.name} {go_float(s.value)}")
     add("")
     return "\n".join(lines).encode()
 
@@ -385,11 +465,12 @@ def render_openmetrics(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
         add(f"# HELP {family} {_esc_om(_help(d))}")
         add(f"# TYPE {family} {d.type}")
         for s in samples:
-            if s.labels:
-                labels = ",".join(f'{k}="{_esc_om(v)}"' for k, v in s.labels)
-                add(f"{d.name}{{{labels}}} {go_float(s.value)}")
+            labels = _ordered(s.labels)
+            if labels:
+                text = ",".join(f'{k}="{_esc_om(v)}"' for k, v in labels)
+                add(f"{s.name}{{{text}}} {go_float(s.value)}")
             else:
-                add(f"{d.name} {go_float(s.value)}")
+                add(f"{s.name} {go_float(s.value)}")
     add("# EOF\n")
     return "\n".join(lines).encode()
 
