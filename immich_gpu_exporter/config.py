@@ -371,8 +371,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("immich.api-key", _opt_str, None,
            "API key (environment or config file only; prefer --immich.api-key-file)", secret=True),
     Option("immich.telemetry-url", _opt_url, None,
-           "Immich microservices telemetry URL (usually http://HOST:8082/metrics) for exact job counters",
-           metavar="URL"),
+           "Immich microservices telemetry URL (usually http://HOST:8082/metrics): exact job counters, and the "
+           "ML call latency of jobs (docs/latency.md)", metavar="URL"),
+    Option("immich.api-telemetry-url", _opt_url, None,
+           "Immich API telemetry URL (usually http://HOST:8081/metrics): Smart Search and encode-text latency "
+           "(docs/latency.md)", metavar="URL"),
     Option("immich.interval", _positive_float, 5.0, "seconds between Immich API polls"),
     Option("immich.timeout", _positive_float, 3.0, "seconds each Immich API request may take"),
     # remote machine learning (the server host of a two-host installation)

@@ -223,9 +223,6 @@ _DEFS: list[MetricDef] = [
        "(IMMICH_TELEMETRY_INCLUDE has repo or all), 0 if its telemetry answers without them; absent when its "
        "telemetry URL is not configured or does not answer. worker is api (port 8081) or microservices (8082).",
        ("worker",), "immich"),
-    _m("immich_server_telemetry_series_dropped_total", "counter",
-       "Telemetry histogram series the exporter ignored, by reason (unknown_call: a machine-learning method it "
-       "does not know; malformed: a line that did not parse).", ("reason",), "immich"),
     # --- NVML --------------------------------------------------------------------
     _m("immich_gpu_info", "gauge", "A GPU seen by NVML; always 1.", ("gpu", "uuid", "name", "driver_version"),
        "nvml"),
@@ -421,13 +418,6 @@ def go_float(v: float) -> str:
     return f"{mantissa}e+{point - 1:02d}"
 
 
-def _ordered(labels: LabelPairs) -> LabelPairs:
-    """Label pairs as written: sorted by name, a histogram bucket's `le` last (as client_python does)."""
-    if labels and labels[-1][0] != "le" and any(k == "le" for k, _ in labels):
-        return _without_le(labels) + tuple(p for p in labels if p[0] == "le")
-    return labels
-
-
 def render_text(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
     """Text format 0.0.4. Hand-written because it is the hot part of every snapshot change
     (several times faster than building client_python families), with client_python's value
@@ -438,7 +428,7 @@ def render_text(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
         add(f"# HELP {d.name} {_esc_help(_help(d))}")
         add(f"# TYPE {d.name} {d.type}")
         for s in samples:
-            labels = _ordered(s.labels)
+            labels = s.labels
             if labels:
                 text = ",".join(f'{k}="{_esc_label(v)}"' for k, v in labels)
                 add(f"{s.name}{{{text}}} {go_float(s.value)}")
@@ -465,7 +455,7 @@ def render_openmetrics(groups: list[tuple[MetricDef, list[Sample]]]) -> bytes:
         add(f"# HELP {family} {_esc_om(_help(d))}")
         add(f"# TYPE {family} {d.type}")
         for s in samples:
-            labels = _ordered(s.labels)
+            labels = s.labels
             if labels:
                 text = ",".join(f'{k}="{_esc_om(v)}"' for k, v in labels)
                 add(f"{s.name}{{{text}}} {go_float(s.value)}")

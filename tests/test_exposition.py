@@ -107,10 +107,19 @@ def test_promtool_check_metrics_is_clean(name):
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
 
 
+def one_of(d: metrics.MetricDef) -> list:
+    """One series of a metric: a sample, or a histogram's buckets, count and sum."""
+    labels = {k: "x" for k in d.labels}
+    if d.type != "histogram":
+        return [sample(d.name, 1, **labels)]
+    return [sample(d.name + "_bucket", 1, le="0.5", **labels), sample(d.name + "_bucket", 2, le="+Inf", **labels),
+            sample(d.name + "_count", 2, **labels), sample(d.name + "_sum", 0.75, **labels)]
+
+
 def test_every_defined_metric_passes_promtool_naming_rules():
     """Render one sample of every metric in METRICS and lint the whole lot."""
-    samples = tuple(sample(d.name, 1, **{k: "x" for k in d.labels}) for d in metrics.METRICS.values()
-                    if not d.name.startswith("immich_gpu_exporter_"))
+    samples = tuple(s for d in metrics.METRICS.values() if not d.name.startswith("immich_gpu_exporter_")
+                    for s in one_of(d))
     snap = Snapshot(1, MappingProxyType({"all": SourceState("all", True, 1.0, 0.1, samples=samples)}),
                     MappingProxyType({"version": "t", "python_version": "3", "mode": "live", "role": "all"}))
     text = metrics.render(snap).text
@@ -168,3 +177,32 @@ def test_neither_format_imports_client_python():
             "print('prometheus_client' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_histograms_render_as_client_python_writes_them():
+    """Buckets by ascending le (labels sorted by name, le among them), then _count and _sum, per label set, in both
+    formats; built from the latency accumulator's own output so the real producer is what is checked."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    from immich_gpu_exporter import latency
+
+    h = latency.Histogram((0.1, 2.5, 10.0, 1000.0), (0.0, 1.0, 3.0, 4.0), 5.0, 4321.5)
+    samples = (latency.histogram_samples("immich_ml_call_duration_seconds", h, call="encode_text",
+                                         provider="CUDAExecutionProvider")
+               + latency.histogram_samples("immich_ml_call_duration_seconds", h, call="encode_image", provider="")
+               + latency.histogram_samples("immich_smart_search_query_duration_seconds", h, provider="a\"b"))
+    for s in samples:
+        metrics.check_sample(s)
+    snap = Snapshot(3, MappingProxyType({"immich": SourceState("immich", True, 1.0, 0.1, samples=samples[::-1])}),
+                    MappingProxyType({"version": "t", "python_version": "3", "mode": "live", "role": "all"}))
+    text = metrics.render(snap, True)
+    assert text.text == generate_latest(metrics._registry(metrics.families(snap)))
+    assert text.openmetrics == generate_openmetrics(metrics._registry(metrics.families(snap)))
+    lines = text.text.decode().splitlines()
+    first = lines.index('immich_ml_call_duration_seconds_bucket{call="encode_image",le="0.0001",provider=""} 0.0')
+    assert lines[first + 4] == 'immich_ml_call_duration_seconds_bucket{call="encode_image",le="+Inf",provider=""} 5.0'
+    assert lines[first + 5] == 'immich_ml_call_duration_seconds_count{call="encode_image",provider=""} 5.0'
+    assert lines[first + 6] == 'immich_ml_call_duration_seconds_sum{call="encode_image",provider=""} 4.3215'
+    r = subprocess.run(["promtool", "check", "metrics"], input=text.text, capture_output=True)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from .. import immich_api as api, logs, remote
+from .. import immich_api as api, latency, logs, remote
 from ..config import redact_url
 from ..files import problem_text, read_small
 from ..core import CollectResult, Sample, SourceDown, sample
@@ -62,6 +62,13 @@ async def _read_capped(r: aiohttp.ClientResponse) -> bytes | None:
     return b"".join(parts)
 
 
+def _metrics_url(url: str | None) -> str | None:
+    """A telemetry URL given as http://HOST:PORT means its /metrics."""
+    if url and "/" not in url.split("://", 1)[1]:
+        return url + "/metrics"
+    return url
+
+
 class RequestFailed(Exception):
     """One request failed; `reason` is a bounded label, `status` the HTTP status if any."""
 
@@ -85,10 +92,10 @@ class ImmichSource(Source):
         self._ml_url = config["immich.ml-url"]
         # Immich's machineLearning.urls, in its order: it sends work to the first healthy one
         self._ml_urls = [self._ml_url, *[u for u in config["immich.ml-failover-url"] if u != self._ml_url]]
-        tele = config["immich.telemetry-url"]
-        if tele and "/" not in tele.split("://", 1)[1]:
-            tele += "/metrics"
+        tele = _metrics_url(config["immich.telemetry-url"])
         self._telemetry_url = tele
+        self._api_telemetry_url = _metrics_url(config["immich.api-telemetry-url"])
+        self.latency = latency.LatencyAccumulator()
         method = METHOD_TELEMETRY if tele else METHOD_BACKLOG
         interval = float(config["immich.interval"])
         self.timings = QueueTimings(method, max_gap=max(6 * interval, 30.0), eta_window=300.0)
@@ -232,6 +239,7 @@ class ImmichSource(Source):
             self.timings.observe(observation)
         if key is not None:
             samples.extend(self._timing_samples(fresh=observation is not None))
+        samples.extend(self.latency.samples())
         samples.append(sample("immich_gpu_exporter_immich_labels_dropped_total", self._queue_cap.dropped, label="queue"))
         samples.append(sample("immich_gpu_exporter_immich_labels_dropped_total", self._job_cap.dropped, label="job"))
         if isinstance(ping, RequestFailed):
@@ -270,26 +278,30 @@ class ImmichSource(Source):
         samples.append(sample("immich_server_info", 1, version=str(v)))
 
     async def _collect_server(self, key: str | None, samples: list[Sample], errors: list[str]) -> Observation | None:
-        jobs = [self.fetch(self._url + self._server_base + "/features")]
+        jobs: dict[str, Any] = {"features": self.fetch(self._url + self._server_base + "/features")}
         ask_config = key is not None and self._clock() >= self._accel_due
         if key is not None:
-            jobs.append(self._queues(key))
-            if self._telemetry_url:
-                jobs.append(self.fetch(self._telemetry_url, prefix="telemetry_", want_json=False))
+            jobs["queues"] = self._queues(key)
             if ask_config:
-                jobs.append(self._configured_acceleration(key))
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        for r in results:
+                jobs["config"] = self._configured_acceleration(key)
+        # telemetry needs no key: latency is read with or without one
+        if self._telemetry_url:
+            jobs["telemetry"] = self.fetch(self._telemetry_url, prefix="telemetry_", want_json=False)
+        if self._api_telemetry_url:
+            jobs["api_telemetry"] = self.fetch(self._api_telemetry_url, prefix="api_telemetry_", want_json=False)
+        results = dict(zip(jobs, await asyncio.gather(*jobs.values(), return_exceptions=True)))
+        for r in results.values():
             if isinstance(r, SourceDown):
                 raise r
             if isinstance(r, BaseException) and not isinstance(r, (RequestFailed, api.BadAnswer)):
                 raise r
         if ask_config:
-            self._accel_result(results[-1], errors)
+            self._accel_result(results["config"], errors)
         if self._accel is not None:
             samples.append(sample("immich_transcode_configured_info", 1, accel=self._accel.accel,
                                   decode=self._accel.decode))
-        features = results[0]
+        self._observe_latency(results, errors)
+        features = results["features"]
         if isinstance(features, RequestFailed):
             errors.append(features.reason)
         else:
@@ -301,7 +313,7 @@ class ImmichSource(Source):
         if key is None:
             return None
 
-        queues = results[1]
+        queues = results["queues"]
         at = self._clock()
         if isinstance(queues, (RequestFailed, api.BadAnswer)):
             errors.append(queues.reason if isinstance(queues, RequestFailed) else "bad_json")
@@ -316,10 +328,8 @@ class ImmichSource(Source):
 
         telemetry = None
         if self._telemetry_url:
-            tele = results[2]
-            if isinstance(tele, RequestFailed):
-                errors.append(tele.reason)
-            else:
+            tele = results["telemetry"]
+            if not isinstance(tele, RequestFailed):
                 parsed = api.parse_telemetry(tele)
                 errors.extend(["telemetry_malformed"] * parsed.malformed)
                 jobs = {j for j, _ in parsed.counters}
@@ -334,6 +344,29 @@ class ImmichSource(Source):
                     log.debug("telemetry job names without a known queue (ignored): %s", ", ".join(sorted(new)))
                 telemetry = parsed.by_queue()
         return Observation(at, {q.name: q for q in kept}, telemetry, provider_in_force(self.hub))
+
+    def _observe_latency(self, results: dict[str, Any], errors: list[str]) -> None:
+        """Both processes' telemetry -> the latency histograms (docs/latency.md)."""
+        provider = provider_in_force(self.hub)
+        for worker, job in (("microservices", "telemetry"), ("api", "api_telemetry")):
+            if job not in results:
+                continue
+            text = results[job]
+            reading = None
+            if isinstance(text, RequestFailed):
+                errors.append(text.reason)
+                self._once(f"{job}_failed", logging.WARNING, "Immich %s telemetry not readable: %s "
+                           "(latency needs IMMICH_TELEMETRY_INCLUDE=all or one that has repo; docs/latency.md)",
+                           worker, text)
+            else:
+                reading = latency.parse(text)
+                errors.extend([f"{job}_malformed"] * reading.malformed)
+                if not reading.repo_enabled:
+                    self._once(f"{job}_no_repo", logging.INFO,
+                               "Immich %s telemetry has no repository durations: add repo to the server's "
+                               "IMMICH_TELEMETRY_INCLUDE (or set it to all) for ML call and Smart Search latency",
+                               worker)
+            self.latency.observe(worker, reading, provider)
 
     async def _configured_acceleration(self, key: str) -> api.ConfiguredAcceleration | None:
         """ffmpeg.accel/accelDecode from /api/system-config; None if the key may not read it.
