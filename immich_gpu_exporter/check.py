@@ -687,9 +687,53 @@ def check_docker_ml(ev: Evidence) -> Finding:
     return Finding("docker_ml", t, PASS, "; ".join(f.detail for f in findings if f.ok), details=details)
 
 
+_TELEMETRY_PORT = {"api": 8081, "microservices": 8082}
+_TELEMETRY_OPTION = {"api": "--immich.api-telemetry-url", "microservices": "--immich.telemetry-url"}
+_TELEMETRY_GIVES = {"api": "Smart Search and encode-text latency", "microservices": "ML call latency of jobs"}
+
+
+def latency_advice(worker: str, status: Mapping[str, Any]) -> str:
+    """What to enable for one server process's latency telemetry (check and the landing page)."""
+    port = _TELEMETRY_PORT[worker]
+    what = status.get("status")
+    if what == "not_configured":
+        return f"set {_TELEMETRY_OPTION[worker]}=http://SERVER:{port}/metrics"
+    if what == "unreachable":
+        return (f"set IMMICH_TELEMETRY_INCLUDE=all (or a list with repo) on the Immich server and make port {port} "
+                "reachable from the exporter (Docker: publish it or share the compose network)")
+    if what == "no_repo":
+        return "add repo to the server's IMMICH_TELEMETRY_INCLUDE (or set it to all) and restart the server"
+    return ""
+
+
+def check_latency_telemetry(ev: Evidence) -> Finding:
+    """Whether the server's telemetry carries what ML call and Smart Search latency need (docs/latency.md)."""
+    t = "latency telemetry (Smart Search, ML calls)"
+    st = ev.state("immich")
+    status = ev.facts("immich").get("latency")
+    if st is None or not st.up or status is None:
+        return Finding("latency_telemetry", t, SKIP, "the Immich server was not read (immich collector off or the "
+                       "server unreachable)")
+    details = {w: dict(status.get(w, {})) for w in ("api", "microservices")}
+    parts, advice = [], []
+    for worker in ("api", "microservices"):
+        one = details[worker]
+        if one.get("status") == "ok":
+            calls = ", ".join(f"{k} {v:g}" for k, v in one.get("calls", {}).items()) or "no call yet"
+            parts.append(f"{worker}: repository durations on ({calls} since the server started)")
+        else:
+            parts.append(f"{worker}: {one.get('status', 'not_configured').replace('_', ' ')}"
+                         + (f" ({one['detail']})" if one.get("detail") else ""))
+            advice.append(f"{worker} ({_TELEMETRY_GIVES[worker]}): {latency_advice(worker, one)}")
+    if advice:
+        return Finding("latency_telemetry", t, WARN, "; ".join(parts), "; ".join(advice), details)
+    return Finding("latency_telemetry", t, PASS, "; ".join(parts), details=details)
+
+
 CHECKS: tuple[Callable[[Evidence], Finding], ...] = (
     check_role, check_driver, check_modules, check_devices, check_container_gpu, check_services, check_provider,
     check_gpu_memory, check_ml_features, check_transcode, check_tuning, check_environment, check_docker_ml,
+    check_latency_telemetry,
 )
 
 

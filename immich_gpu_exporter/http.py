@@ -98,8 +98,27 @@ def landing_html(snapshot) -> str:  # type: ignore[no-untyped-def]
 <p><a href="metrics">Metrics</a> &middot; <a href="-/healthy">healthy</a> &middot; <a href="-/ready">ready</a></p>
 <table><tr><th>source</th><th>status</th><th>last success</th><th>series</th><th>last error</th></tr>
 {''.join(rows)}
-</table></body></html>
+</table>{_latency_html(snapshot)}</body></html>
 """
+
+
+def _latency_html(snapshot) -> str:  # type: ignore[no-untyped-def]
+    """What the latency panels can show, and what to enable when they cannot (docs/latency.md)."""
+    from .check import latency_advice
+
+    status = snapshot.facts("immich").get("latency")
+    if not status:
+        return ""
+    items = []
+    for worker in ("api", "microservices"):
+        one = status.get(worker, {"status": "not_configured"})
+        what = {"ok": "repository durations read", "no_repo": "telemetry without repository durations",
+                "unreachable": "telemetry not readable", "not_configured": "telemetry URL not set"}.get(
+                    one.get("status"), "?")
+        advice = latency_advice(worker, one)
+        items.append(f"<li>{html.escape(worker)}: {html.escape(what)}"
+                     + (f" &mdash; {html.escape(advice)}" if advice else "") + "</li>")
+    return "<h2>Latency (Smart Search, ML calls)</h2><ul>" + "".join(items) + "</ul>"
 
 
 async def landing(request: web.Request) -> web.Response:

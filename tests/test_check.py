@@ -30,7 +30,7 @@ SERVER_UNIT = "immich-server.service"
 KEY = "check-key-6c1d2e"
 DEADLINE = 20.0
 CHECK_IDS = ["role", "driver", "modules", "devices", "container_gpu", "services", "provider", "gpu_memory",
-             "ml_features", "transcode", "tuning", "environment", "docker_ml"]
+             "ml_features", "transcode", "tuning", "environment", "docker_ml", "latency_telemetry"]
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +394,7 @@ def test_units_healthy_host(nested_systemd: NestedSystemd, tmp_path: pathlib.Pat
     assert st == {"role": "PASS", "driver": "PASS", "modules": "PASS", "devices": "PASS", "container_gpu": "SKIP",
                   "services": "PASS", "provider": "PASS", "gpu_memory": "PASS", "ml_features": "SKIP",
                   "transcode": "SKIP", "tuning": "PASS", "environment": st["environment"],
-                  "docker_ml": "SKIP"}, json.dumps(by_id, indent=1)
+                  "docker_ml": "SKIP", "latency_telemetry": "SKIP"}, json.dumps(by_id, indent=1)
     assert rc == 0
     assert "900 MiB" in by_id["gpu_memory"]["finding"]
     assert by_id["tuning"]["details"]["process_nice"] == -10

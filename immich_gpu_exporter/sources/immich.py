@@ -96,6 +96,8 @@ class ImmichSource(Source):
         self._telemetry_url = tele
         self._api_telemetry_url = _metrics_url(config["immich.api-telemetry-url"])
         self.latency = latency.LatencyAccumulator()
+        # worker -> {"status": not_configured | unreachable | no_repo | ok, ...}, for check and the page
+        self.latency_status: dict[str, dict[str, Any]] = {}
         method = METHOD_TELEMETRY if tele else METHOD_BACKLOG
         interval = float(config["immich.interval"])
         self.timings = QueueTimings(method, max_gap=max(6 * interval, 30.0), eta_window=300.0)
@@ -244,6 +246,8 @@ class ImmichSource(Source):
         samples.append(sample("immich_gpu_exporter_immich_labels_dropped_total", self._job_cap.dropped, label="job"))
         if isinstance(ping, RequestFailed):
             raise SourceDown(ping.reason, str(ping), tuple(samples))
+        if server_up:
+            facts["latency"] = self.latency_status
         if self._accel is not None:
             facts["transcode_configured"] = {"accel": self._accel.accel, "decode": self._accel.decode}
         return CollectResult(tuple(samples), facts, errors=tuple(errors))
@@ -348,12 +352,15 @@ class ImmichSource(Source):
     def _observe_latency(self, results: dict[str, Any], errors: list[str]) -> None:
         """Both processes' telemetry -> the latency histograms (docs/latency.md)."""
         provider = provider_in_force(self.hub)
+        status: dict[str, dict[str, Any]] = {}
         for worker, job in (("microservices", "telemetry"), ("api", "api_telemetry")):
             if job not in results:
+                status[worker] = {"status": "not_configured"}
                 continue
             text = results[job]
             reading = None
             if isinstance(text, RequestFailed):
+                status[worker] = {"status": "unreachable", "detail": str(text)}
                 errors.append(text.reason)
                 self._once(f"{job}_failed", logging.WARNING, "Immich %s telemetry not readable: %s "
                            "(latency needs IMMICH_TELEMETRY_INCLUDE=all or one that has repo; docs/latency.md)",
@@ -361,12 +368,15 @@ class ImmichSource(Source):
             else:
                 reading = latency.parse(text)
                 errors.extend([f"{job}_malformed"] * reading.malformed)
+                status[worker] = {"status": "ok" if reading.repo_enabled else "no_repo",
+                                  "calls": {f"{k[1]}": h.count for k, h in sorted(reading.histograms.items())}}
                 if not reading.repo_enabled:
                     self._once(f"{job}_no_repo", logging.INFO,
                                "Immich %s telemetry has no repository durations: add repo to the server's "
                                "IMMICH_TELEMETRY_INCLUDE (or set it to all) for ML call and Smart Search latency",
                                worker)
             self.latency.observe(worker, reading, provider)
+        self.latency_status = status
 
     async def _configured_acceleration(self, key: str) -> api.ConfiguredAcceleration | None:
         """ffmpeg.accel/accelDecode from /api/system-config; None if the key may not read it.
