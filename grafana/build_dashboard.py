@@ -39,6 +39,20 @@ of 1 s each count as 2 job-seconds.
 """
 
 
+# Smart Search response time: both halves of the requests, divided by the requests (docs/latency.md)
+SMART_SEARCH_MEAN = (
+    f"(sum by (provider) (increase(immich_smart_search_query_duration_seconds_sum{{{I}}}[$__range]))"
+    f" + sum by (provider) (increase(immich_ml_call_duration_seconds_sum{{{I}, call=\"encode_text\"}}[$__range])))"
+    f" / sum by (provider) (increase(immich_smart_search_query_duration_seconds_count{{{I}}}[$__range]))")
+ML_CALL_MEAN = (f"sum by (call, provider) (increase(immich_ml_call_duration_seconds_sum{{{I}}}[$__range]))"
+                f" / sum by (call, provider) (increase(immich_ml_call_duration_seconds_count{{{I}}}[$__range]))")
+
+
+def quantile(q: float, metric: str, where: str = "", by: str = "provider") -> str:
+    sel = f"{I}, {where}" if where else I
+    return f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{sel}}}[$__rate_interval])))"
+
+
 class Layout:
     def __init__(self) -> None:
         self.panels: list[dict[str, Any]] = []
@@ -106,6 +120,14 @@ def stat(title: str, expr: str, legend: str = "", unit: str | None = None, text_
     p = panel("stat", title, [target(expr, legend, instant=True)], unit, description, **extra)
     p["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
                     "textMode": text_mode, "colorMode": "background", "graphMode": "none"}
+    return p
+
+
+def bars(title: str, expr: str, legend: str, unit: str, description: str) -> dict:
+    """Horizontal bars of one instant query over the time range (the before/after comparisons)."""
+    p = panel("bargauge", title, [target(expr, legend, instant=True)], unit, description, min=0)
+    p["options"] = {"orientation": "horizontal", "displayMode": "gradient", "showUnfilled": True,
+                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
     return p
 
 
@@ -194,6 +216,39 @@ def build() -> dict[str, Any]:
                                                            "renameByName": {"Value #A": "duration (s)",
                                                                             "Value #B": "jobs"}}}]
     L.add(p, 24, 7)
+
+    L.row("Smart Search and ML call latency, CPU vs GPU")
+    # From the server's telemetry (docs/latency.md): needs IMMICH_TELEMETRY_INCLUDE with repo (or all)
+    # and --immich.api-telemetry-url / --immich.telemetry-url.
+    L.add(bars("Smart Search mean response time by provider", SMART_SEARCH_MEAN, "{{provider}}", "s",
+               "Mean time of a Smart Search request over the time range: the server's text-encoding ML calls plus "
+               "its smart-search database query, divided by the searches (a query whose embedding was cached costs "
+               "no ML call). From the API process's telemetry; empty until it is read (see the exporter's landing "
+               "page for what to enable)."), 8, 8)
+    L.add(bars("ML call mean duration by call and provider", ML_CALL_MEAN, "{{call}} {{provider}}", "s",
+               "Mean duration of the server's calls to the ML service over the time range, by call "
+               "(encode_image and detect_faces and ocr from jobs, encode_text from Smart Search), by the ONNX "
+               "execution provider in force."), 8, 8)
+    L.add(ts("Smart Search p50 / p95: text encoding and database query",
+             [target(quantile(0.5, "immich_ml_call_duration_seconds", 'call="encode_text"'),
+                     "encode_text p50 {{provider}}", "A"),
+              target(quantile(0.95, "immich_ml_call_duration_seconds", 'call="encode_text"'),
+                     "encode_text p95 {{provider}}", "B"),
+              target(quantile(0.5, "immich_smart_search_query_duration_seconds"), "query p50 {{provider}}", "C"),
+              target(quantile(0.95, "immich_smart_search_query_duration_seconds"), "query p95 {{provider}}", "D")],
+             "s", "Quantiles from the server's histograms (Immich's bucket boundaries: a quantile is exact to one "
+             "bucket). The two halves of a Smart Search request; their quantiles do not add up to the request's."),
+          8, 8)
+    L.add(ts("ML call p95 by call and provider",
+             [target(quantile(0.95, "immich_ml_call_duration_seconds", by="call, provider"),
+                      "{{call}} {{provider}}")], "s",
+             "95th percentile of the server's ML calls, per call and provider, from Immich's bucket boundaries."),
+          12, 8)
+    L.add(ts("Smart Search probe p50 / p95 (opt-in)",
+             [target(quantile(0.5, "immich_smart_search_probe_duration_seconds"), "p50 {{provider}}", "A"),
+              target(quantile(0.95, "immich_smart_search_probe_duration_seconds"), "p95 {{provider}}", "B")],
+             "s", "Round trip of the exporter's own Smart Search through the API (docs/probe.md), for servers "
+             "without telemetry; empty unless --probe.interval is set."), 12, 8)
 
     L.row("GPU per Immich component")
     group = "{{component}} {{unit}}{{container}}"
