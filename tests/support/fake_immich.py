@@ -35,6 +35,7 @@ from aiohttp import web
 
 from immich_gpu_exporter.immich_api import snake_case
 
+from .immich_telemetry import TelemetrySim
 from .proc import free_port
 
 # QueueName enum of v3.1.0 and the version that added each (research/immich.md §2.4).
@@ -169,8 +170,11 @@ class FakeImmich:
     def __init__(self, version: tuple[int, int, int, int | None] = (3, 1, 0, None), *,
                  keys: Mapping[str, Key] | None = None, queues: Sequence[QueueSim] = (),
                  clock: Callable[[], float] = time.monotonic, telemetry: bool = True,
-                 with_queues_endpoint: bool | None = None) -> None:
+                 with_queues_endpoint: bool | None = None, latency: TelemetrySim | None = None) -> None:
         self.lock = threading.RLock()
+        # repository-method duration histograms of both processes (tests/support/immich_telemetry.py);
+        # None: telemetry without the repo group, as IMMICH_TELEMETRY_INCLUDE=job serves it
+        self.latency = latency
         self.version = version
         self.keys = dict(keys if keys is not None else {"good-key": Key()})
         self.sims = {q.name: q for q in queues}
@@ -192,7 +196,7 @@ class FakeImmich:
         self.telemetry_offset: dict[str, int] = {}  # counters restart from 0 after a restart
         self.requests: list[Recorded] = []
         self.responses: list[Response] = []
-        self.ports = {"api": free_port(), "ml": free_port(), "telemetry": free_port()}
+        self.ports = {"api": free_port(), "ml": free_port(), "telemetry": free_port(), "api_telemetry": free_port()}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runners: dict[str, web.AppRunner] = {}
@@ -209,6 +213,11 @@ class FakeImmich:
     @property
     def telemetry_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['telemetry']}/metrics"
+
+    @property
+    def api_telemetry_url(self) -> str:
+        """The API process's telemetry (port 8081 of a real server)."""
+        return f"http://127.0.0.1:{self.ports['api_telemetry']}/metrics"
 
     # -- scripted behaviour ------------------------------------------------------------------------
     def _v(self, major: int, minor: int) -> bool:
@@ -367,6 +376,18 @@ class FakeImmich:
             if not self.telemetry or request.path != "/metrics":
                 return web.Response(status=404, text="not found")
             text = self.telemetry_text(self.clock()) + "".join(line + "\n" for line in self.extra_telemetry)
+            if self.latency is not None:
+                text += self.latency.render("microservices", target_info=False)
+        return web.Response(text=text, content_type="text/plain")
+
+    async def _api_telemetry(self, request: web.Request) -> web.StreamResponse:
+        with self.lock:
+            self.requests.append(Recorded(request.method, request.path, dict(request.query),
+                                          dict(request.headers), b"", "api_telemetry"))
+            if not self.telemetry or request.path != "/metrics":
+                return web.Response(status=404, text="not found")
+            text = self.latency.render("api") if self.latency is not None else \
+                self.telemetry_text(self.clock()).split("immich_", 1)[0]
         return web.Response(text=text, content_type="text/plain")
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -376,7 +397,8 @@ class FakeImmich:
         return app
 
     async def _start_servers(self, which: Iterable[str]) -> None:
-        handlers = {"api": self._api, "ml": self._ml, "telemetry": self._telemetry}
+        handlers = {"api": self._api, "ml": self._ml, "telemetry": self._telemetry,
+                    "api_telemetry": self._api_telemetry}
         for name in which:
             runner = web.AppRunner(self._app(handlers[name]), access_log=None, shutdown_timeout=0.1)
             await runner.setup()
@@ -405,7 +427,7 @@ class FakeImmich:
         self._thread = threading.Thread(target=run, name="fake-immich", daemon=True)
         self._thread.start()
         ready.wait(5)
-        self._call(self._start_servers(("api", "ml", "telemetry")))
+        self._call(self._start_servers(("api", "ml", "telemetry", "api_telemetry")))
         return self
 
     def stop(self) -> None:
@@ -420,14 +442,17 @@ class FakeImmich:
 
     def go_down(self) -> None:
         """The server process dies: API and telemetry stop listening (the ML service stays)."""
-        self._call(self._stop_servers(("api", "telemetry")))
+        self._call(self._stop_servers(("api", "telemetry", "api_telemetry")))
 
     def come_back(self) -> None:
         """The server is back: listening again, telemetry counters restarted from zero."""
         with self.lock:
             t = self.clock()
             self.telemetry_offset = {n: s.finished(t) for n, s in self.sims.items()}
-        self._call(self._start_servers(("api", "telemetry")))
+            if self.latency is not None:
+                for worker in ("api", "microservices"):
+                    self.latency.restart(worker)
+        self._call(self._start_servers(("api", "telemetry", "api_telemetry")))
 
     def __enter__(self) -> "FakeImmich":
         return self.start()

@@ -51,13 +51,13 @@ class TelemetrySim:
         with self._lock:
             return list(self._seen[worker].get((repo, method), ()))
 
-    def render(self, worker: str) -> str:
+    def render(self, worker: str, target_info: bool = True) -> str:
         with self._lock:
             seen = {k: list(v) for k, v in self._seen[worker].items() if v}
             extra = list(self.extra[worker])
         lines = ["# HELP target_info Target metadata", "# TYPE target_info gauge",
                  'target_info{service_name="immich",telemetry_sdk_language="nodejs",'
-                 'telemetry_sdk_name="opentelemetry"} 1']
+                 'telemetry_sdk_name="opentelemetry"} 1'] if target_info else []
         scope = self.scope_labels
         for (repo, method), values in sorted(seen.items()):
             name = f"immich_{repo}_repository_{method}_duration"
