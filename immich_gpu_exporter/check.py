@@ -711,9 +711,10 @@ def check_latency_telemetry(ev: Evidence) -> Finding:
     t = "latency telemetry (Smart Search, ML calls)"
     st = ev.state("immich")
     status = ev.facts("immich").get("latency")
-    if st is None or not st.up or status is None:
-        return Finding("latency_telemetry", t, SKIP, "the Immich server was not read (immich collector off or the "
-                       "server unreachable)")
+    if st is None:
+        return Finding("latency_telemetry", t, SKIP, "the immich collector is disabled")
+    if not st.up or status is None:
+        return Finding("latency_telemetry", t, SKIP, f"the Immich server does not answer ({_down_text(st)})")
     details = {w: dict(status.get(w, {})) for w in ("api", "microservices")}
     parts, advice = [], []
     for worker in ("api", "microservices"):
