@@ -105,6 +105,7 @@ OPTION_SETS = {
         collectors = { nvml = true; systemd = false; journal = true; immich = false; };
         extraFlags = [ "--log.level=debug" "--gpu.pid-labels" ];
         webConfigFile = "/etc/immich-gpu-exporter/web config.yml";
+        immichTelemetry = true;
       };""",
     "ipv6": 'services.immich-gpu-exporter = { enable = true; listenAddress = "::1"; };',
     "server-role": """services.immich-gpu-exporter = {
@@ -136,6 +137,8 @@ def test_generated_flags_carry_the_options_through(tmp_path):
     assert values["immich.api-key-file"] == f"'{tmp_path}/credentials/immich-api-key'"
     assert (values["collector.systemd"], values["collector.immich"], values["collector.nvml"]) == ("False", "False", "True")
     assert values["log.level"] == "'debug'" and values["gpu.pid-labels"] == "True"
+    assert values["immich.telemetry-url"] == "'http://localhost:8082/metrics'"
+    assert values["immich.api-telemetry-url"] == "'http://localhost:8081/metrics'"
     sc = result["exporterService"]["serviceConfig"]
     assert sc["LoadCredential"] == ["immich-api-key:/run/secrets/immich key"]
     assert "--web.config.file=/etc/immich-gpu-exporter/web config.yml" in exporter_argv(result)
@@ -238,6 +241,15 @@ def test_immich_gpu_on_a_complete_host_configures_the_units():
     assert "d /var/cache/immich/matplotlib 0750 immich immich -" in result["tmpfiles"]
     # no container toolkit on this host: no ordering on a unit that does not exist
     assert "nvidia-container-toolkit-cdi-generator.service" not in ml["after"]
+
+
+def test_immich_gpu_telemetry_turns_on_the_servers_repository_durations():
+    assert "IMMICH_TELEMETRY_INCLUDE" not in evaluate(GPU_HOST)["serverService"]["environment"]
+    env = evaluate(GPU_HOST + " services.immich-gpu.telemetry = true;")["serverService"]["environment"]
+    assert env["IMMICH_TELEMETRY_INCLUDE"] == "all"
+    own = evaluate(GPU_HOST + ' services.immich-gpu.telemetry = true; '
+                   'services.immich.environment.IMMICH_TELEMETRY_INCLUDE = "job,repo";')
+    assert own["serverService"]["environment"]["IMMICH_TELEMETRY_INCLUDE"] == "job,repo"  # the user's value wins
 
 
 def test_immich_gpu_orders_after_the_cdi_generator_when_the_toolkit_is_on():

@@ -115,6 +115,18 @@ in
       '';
     };
 
+    telemetry = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Whether to turn on the Immich server's own telemetry (IMMICH_TELEMETRY_INCLUDE=all, as a
+        default a user's own value overrides): job counters and the repository durations that give
+        Smart Search response time and ML call latency (docs/latency.md). The server then serves
+        Prometheus text on ports 8081 (API) and 8082 (microservices) on all interfaces; NixOS' firewall
+        keeps them closed unless you open them. Pair with services.immich-gpu-exporter.immichTelemetry.
+      '';
+    };
+
     requirePostgresql = mkOption {
       type = types.bool;
       default = true;
@@ -153,6 +165,8 @@ in
     warnings =
       ineffectiveIn "services.immich.machine-learning.environment" mlEnv
       ++ ineffectiveIn "services.immich.environment" immich.environment;
+
+    services.immich.environment = mkIf cfg.telemetry { IMMICH_TELEMETRY_INCLUDE = lib.mkDefault "all"; };
 
     services.immich.accelerationDevices =
       [ "/dev/nvidiactl" "/dev/nvidia-uvm" "/dev/nvidia-uvm-tools" "/dev/nvidia-modeset" ] ++ cfg.gpuDeviceNodes;

@@ -27,7 +27,11 @@ let
     ++ map (u: "--systemd.unit=${u}") cfg.units
     ++ map (u: "--journal.unit=${u}") cfg.journalUnits
     ++ map (c: if cfg.collectors.${c} then "--collector.${c}" else "--no-collector.${c}") collectorNames
-    ++ lib.optional (cfg.webConfigFile != null) "--web.config.file=${cfg.webConfigFile}";
+    ++ lib.optional (cfg.webConfigFile != null) "--web.config.file=${cfg.webConfigFile}"
+    ++ lib.optionals cfg.immichTelemetry [
+      "--immich.telemetry-url=http://localhost:8082/metrics"
+      "--immich.api-telemetry-url=http://localhost:8081/metrics"
+    ];
 
   # ExecStart= is split by systemd, not by a shell: it processes C escapes inside quotes too and
   # expands % specifiers and $VARIABLES, so lib.escapeShellArgs would mangle a backslash, `%` or
@@ -149,6 +153,18 @@ in
         File with an Immich admin API key (permissions queue.read and job.read), for the job-queue
         metrics. It is read by systemd (LoadCredential=), so it can stay root-only (0600) and
         outside the Nix store (agenix, sops-nix). Without it the queue collector reports itself down.
+      '';
+    };
+
+    immichTelemetry = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Read the Immich server's telemetry on this host: the microservices process on port 8082 (exact
+        job counters, ML call latency of jobs) and the API process on 8081 (Smart Search response time).
+        The server must serve it with repository durations: IMMICH_TELEMETRY_INCLUDE=all, which
+        services.immich-gpu.telemetry sets (docs/latency.md; `immich-gpu-exporter check` says what is
+        missing).
       '';
     };
 
