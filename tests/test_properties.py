@@ -6,6 +6,7 @@ and time that grows linearly with the input (the ratio between two sizes, never 
 from __future__ import annotations
 
 import json
+import math
 import string
 import time
 import tracemalloc
@@ -203,3 +204,33 @@ def test_telemetry_parse_time_grows_linearly():
 
     small, big = min(seconds(2000) for _ in range(3)), min(seconds(8000) for _ in range(3))
     assert big / small < 10, (small, big)
+
+
+# -- latency telemetry (docs/latency.md) -----------------------------------------------------------
+_LATENCY_FAMILY = st.sampled_from(["immich_machine_learning_repository_encode_text_duration",
+                                   "immich_search_repository_search_smart_duration",
+                                   "immich_machine_learning_repository_ocr_duration_milliseconds",
+                                   "immich_asset_repository_get_duration"])
+_latency_line = st.builds(
+    lambda fam, part, labels, value: f"{fam}_{part}{labels} {value}",
+    _LATENCY_FAMILY, st.sampled_from(["bucket", "sum", "count", "x"]),
+    st.sampled_from(["", '{le="5"}', '{le="+Inf"}', '{otel_scope_name="immich",le="0.1"}', '{le="', "{le=\"1e999\"}"]),
+    st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.text(max_size=8)))
+
+
+@SETTINGS
+@given(st.lists(st.one_of(_latency_line, st.text(max_size=80)), max_size=60))
+def test_any_latency_telemetry_parses_to_sane_cumulative_histograms(lines):
+    from immich_gpu_exporter import latency
+
+    r = latency.parse("\n".join(lines))
+    for h in r.histograms.values():
+        assert len(h.bounds) == len(h.cumulative) <= latency.MAX_BUCKETS
+        assert list(h.bounds) == sorted(h.bounds) and all(math.isfinite(b) for b in h.bounds)
+        assert all(0 <= a <= b <= h.count for a, b in zip(h.cumulative, h.cumulative[1:] + (h.count,)))
+        assert 0 <= h.sum and math.isfinite(h.sum)
+    acc = latency.LatencyAccumulator()
+    acc.observe("api", r, "CUDAExecutionProvider")
+    acc.observe("api", r, None)
+    for s in acc.samples():
+        assert math.isfinite(s.value) and s.value >= 0
