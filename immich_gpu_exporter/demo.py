@@ -69,6 +69,7 @@ DEMO_SETTINGS = {
     "journal_server_container_name": (), "component_ml": (ML_UNIT, "immich_machine_learning"),
     "component_server": (SERVER_UNIT, "immich_server"), "immich_url": "http://immich.demo:2283",
     "immich_ml_url": "http://immich.demo:3003", "immich_telemetry_url": "http://immich.demo:8082/metrics",
+    "immich_api_telemetry_url": "http://immich.demo:8081/metrics",
     "immich_api_key_file": None, "journal_fallback_grace": 120.0,
     "journal_nvidia_driver_path": (),  # the demo host is imaginary: the real host's driver says nothing
     "journal_transcode_window": 2,  # two videos per phase: the verdict clears after the fix
@@ -196,6 +197,51 @@ class QueueSim:
 
     def active(self, q: str) -> int:
         return len(self.running[q])
+
+
+# --- latency: the server's repository durations (docs/latency.md) ------------------------------
+
+# Each finished ML job made one call to the ML service; its duration (ms) by provider. The rest of a
+# job's seconds is the server's own work (reading the image, writing results).
+ML_CALLS = {"smartSearch": ("encode_image", 1400.0, 160.0), "faceDetection": ("detect_faces", 1100.0, 140.0),
+            "ocr": ("ocr", 1900.0, 320.0)}
+SEARCH_EVERY = 6.0  # scenario seconds between two users' Smart Searches
+SEARCH_CACHED = 3  # every 3rd search repeats an earlier query: its embedding is cached, no ML call
+ENCODE_TEXT_MS = (95.0, 14.0)  # CPU, CUDA
+QUERY_MS = 18.0  # the vector search in PostgreSQL, the same on both
+LATENCY_BOUNDS = (0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 25.0, 50.0, 75.0, 100.0, 250.0, 500.0, 750.0,
+                  1000.0, 2500.0, 5000.0, 7500.0, 10000.0)  # Immich's aggregationBoundaries (ms)
+
+
+def _jitter(i: int) -> float:
+    """A deterministic spread of +-30 % around a call's typical duration."""
+    return 1.0 + 0.3 * math.sin(i * 2.399963)
+
+
+class LatencyHistograms:
+    """Cumulative histograms of (repository, method) as a server process would have recorded them."""
+
+    def __init__(self) -> None:
+        self.h: dict[tuple[str, str], list[float]] = {}  # -> [count per bound..., count, sum]
+
+    def record(self, repo: str, method: str, ms: float) -> None:
+        h = self.h.setdefault((repo, method), [0.0] * (len(LATENCY_BOUNDS) + 2))
+        for i, b in enumerate(LATENCY_BOUNDS):
+            if ms <= b:
+                h[i] += 1
+        h[-2] += 1
+        h[-1] += ms
+
+    def lines(self) -> list[str]:
+        out = []
+        for (repo, method), h in sorted(self.h.items()):
+            name = f"immich_{repo}_repository_{method}_duration"
+            out += [f"# HELP {name} The elapsed time in ms for the {repo.replace('_', ' ').title()} Repository to "
+                    f"{method.replace('_', ' ')}", f"# TYPE {name} histogram",
+                    f"{name}_count {h[-2]:g}", f"{name}_sum {h[-1]!r}"]
+            out += [f'{name}_bucket{{le="{b:g}"}} {h[i]:g}' for i, b in enumerate(LATENCY_BOUNDS)]
+            out.append(f'{name}_bucket{{le="+Inf"}} {h[-2]:g}')
+        return out
 
 
 # --- the ML service: workers and their journal -------------------------------------------------
@@ -415,11 +461,35 @@ class Scenario:
         self.queues = QueueSim()
         self.journal = JournalScript(clock)
         self.container_names = {FRIGATE_ID: "frigate"}
+        self.api_latency, self.jobs_latency = LatencyHistograms(), LatencyHistograms()
+        self._calls = {q: 0 for q in ML_CALLS}  # ML calls recorded per queue
+        self._searches = 0
+        self._latency_t = 0.0
 
     def now(self) -> float:
         t = self.clock.now()
         self.queues.advance(t)
+        self._advance_latency(t)
         return t
+
+    def _advance_latency(self, t: float) -> None:
+        """Record the calls made up to t: one per finished ML job, and the users' Smart Searches (none
+        while the ML service is restarting)."""
+        cuda = on_cuda(t)
+        for q, (method, cpu_ms, cuda_ms) in ML_CALLS.items():
+            while self._calls[q] < self.queues.done.get(q, 0):
+                self._calls[q] += 1
+                self.jobs_latency.record("machine_learning", method, (cuda_ms if cuda else cpu_ms) * _jitter(self._calls[q]))
+        while (self._searches + 1) * SEARCH_EVERY <= t:
+            self._searches += 1
+            at = self._searches * SEARCH_EVERY
+            if ml_activating(at):
+                continue
+            if self._searches % SEARCH_CACHED:
+                ms = ENCODE_TEXT_MS[1 if on_cuda(at) else 0] * _jitter(self._searches)
+                self.api_latency.record("machine_learning", "encode_text", ms)
+            self.api_latency.record("search", "search_smart", QUERY_MS * _jitter(7 * self._searches))
+        self._latency_t = t
 
     # -- Immich API answers (bytes as the server would send them) ----------------------------------
     def queues_json(self) -> bytes:
@@ -441,6 +511,18 @@ class Scenario:
                 m = f"immich_jobs_{spec.telemetry_job}_{status}_total"
                 lines += [f"# HELP {m} Job {status}", f"# TYPE {m} counter",
                           f'{m}{{otel_scope_name="nestjs-otel"}} {n}']
+        lines += self.jobs_latency.lines()
+        return ("\n".join(lines) + "\n").encode()
+
+    def api_telemetry_text(self) -> bytes:
+        lines = ['# HELP target_info Target metadata', '# TYPE target_info gauge',
+                 'target_info{service_name="immich",service_version="3.1.0"} 1']
+        # the API process's repository durations exist from its first requests (system metadata, ...)
+        lines += ["# HELP immich_system_metadata_repository_get_duration The elapsed time in ms for the System "
+                  "Metadata Repository to get", "# TYPE immich_system_metadata_repository_get_duration histogram",
+                  "immich_system_metadata_repository_get_duration_count 1",
+                  "immich_system_metadata_repository_get_duration_sum 0.4"]
+        lines += self.api_latency.lines()
         return ("\n".join(lines) + "\n").encode()
 
     @staticmethod
@@ -696,6 +778,8 @@ class DemoImmich(ImmichSource):
                 raise RequestFailed(prefix + "unreachable",
                                     "immich.demo:3003/ping: ClientConnectorError: the ML service is restarting")
             raw = b"pong"
+        elif url == self.config["immich.api-telemetry-url"]:
+            raw = s.api_telemetry_text()
         else:
             raw = {"/api/server/ping": b'{"res":"pong"}', "/api/server/version": s.version_json(),
                    "/api/server/features": s.features_json(), "/api/queues": s.queues_json(),

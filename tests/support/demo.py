@@ -29,7 +29,9 @@ def rule_metrics() -> set[str]:
 # The demo replays a NixOS-style host: Immich runs as systemd units, so it has no Immich containers
 # and no immich_container_* series. Those panels and ImmichContainerFailed are exercised against a
 # real dockerd instead (tests/test_docker_e2e.py, tests/test_docker_source.py, the promtool cases).
-NOT_IN_DEMO_PREFIX = "immich_container_"
+# The Smart Search probe is opt-in and talks to a real API (docs/probe.md): the demo host does not run it;
+# tests/test_probe.py exercises its panel's metric.
+NOT_IN_DEMO_PREFIX = ("immich_container_", "immich_smart_search_probe_")
 
 
 def used_metrics() -> set[str]:
