@@ -18,7 +18,7 @@ import threading
 from immich_gpu_exporter.latency import IMMICH_BOUNDS
 
 WORKERS = ("api", "microservices")
-SCOPE = 'otel_scope_name="immich"'
+SCOPE = 'otel_scope_name="nestjs-otel"'
 
 
 def snake_title(snake: str) -> str:
@@ -62,7 +62,8 @@ class TelemetrySim:
         for (repo, method), values in sorted(seen.items()):
             name = f"immich_{repo}_repository_{method}_duration"
             lines.append(f"# HELP {name} The elapsed time in ms for the {snake_title(repo)} Repository to "
-                         f"{method.replace('_', ' ')}")
+                         f"{method}")
+            lines.append(f"# UNIT {name} ms")
             lines.append(f"# TYPE {name} histogram")
             lab = "{" + scope + "}" if scope else ""
             lines.append(f"{name}_count{lab} {len(values)}")
