@@ -16,7 +16,8 @@ Both decode to `QueueStats`.
 Telemetry (`IMMICH_TELEMETRY_INCLUDE=job`, microservices worker :8082) exposes one counter per
 job name and status, `immich_jobs_<job>_<status>_total`, where `<job>` is lodash `snakeCase` of
 the `JobName` value. The values changed in v1.136 from kebab (`face-detection`) to PascalCase
-(`AssetDetectFaces`), so both spellings are mapped to their queue in `JOB_QUEUES`.
+(`AssetDetectFaces`), so both spellings are mapped to their queue in `JOB_QUEUES` (job_queues.py,
+generated from Immich's source for every release from v1.113 on).
 """
 
 from __future__ import annotations
@@ -281,39 +282,14 @@ def decode_ffmpeg_acceleration(body: Any) -> ConfiguredAcceleration:
 
 JOB_STATUSES = ("success", "failed", "skipped")
 
-# snakeCase(JobName) -> queue, for v1.136+ PascalCase names and the kebab names before them.
-# Derived from the JobName enums and the jobs' queues (research/immich.md §2.4, §3).
-JOB_QUEUES: Mapping[str, str] = {
-    # ML queues first: these are the ones the seconds-per-job comparison is about.
-    **dict.fromkeys(("smart_search", "smart_search_queue_all", "queue_smart_search"), "smartSearch"),
-    **dict.fromkeys(("asset_detect_faces", "asset_detect_faces_queue_all", "face_detection",
-                     "queue_face_detection"), "faceDetection"),
-    **dict.fromkeys(("ocr", "ocr_queue_all", "queue_ocr"), "ocr"),
-    **dict.fromkeys(("facial_recognition", "facial_recognition_queue_all", "queue_facial_recognition"),
-                    "facialRecognition"),
-    **dict.fromkeys(("asset_encode_video", "asset_encode_video_queue_all", "video_conversion",
-                     "queue_video_conversion"), "videoConversion"),
-    **dict.fromkeys(("asset_generate_thumbnails", "asset_generate_thumbnails_queue_all", "person_generate_thumbnail",
-                     "generate_thumbnails", "queue_generate_thumbnails", "generate_person_thumbnail",
-                     "generate_preview", "generate_thumbnail", "generate_thumbhash"), "thumbnailGeneration"),
-    **dict.fromkeys(("asset_extract_metadata", "asset_extract_metadata_queue_all", "metadata_extraction",
-                     "queue_metadata_extraction", "link_live_photos"), "metadataExtraction"),
-    **dict.fromkeys(("asset_detect_duplicates", "asset_detect_duplicates_queue_all", "duplicate_detection",
-                     "queue_duplicate_detection"), "duplicateDetection"),
-    **dict.fromkeys(("sidecar_queue_all", "sidecar_check", "sidecar_write", "queue_sidecar", "sidecar_discovery",
-                     "sidecar_sync"), "sidecar"),
-    **dict.fromkeys(("storage_template_migration", "storage_template_migration_single"),
-                    "storageTemplateMigration"),
-    **dict.fromkeys(("database_backup",), "backupDatabase"),
-    **dict.fromkeys(("file_migration_queue_all", "asset_file_migration", "person_file_migration",
-                     "queue_migration", "migrate_asset", "migrate_person"), "migration"),
-    **dict.fromkeys(("notify_user_signup", "notify_album_invite", "notify_album_update", "send_mail",
-                     "notify_signup", "notification_send_email"), "notifications"),
-}
+# snake_case(JobName) -> queue for every job of every release from v1.113 to v3.1.0 (kebab names before
+# v1.136, PascalCase after), derived from Immich's source by scripts/derive_job_queues.py.
+from .job_queues import JOB_QUEUES  # noqa: E402  (generated; a test keeps it in sync with the fixtures)
 
 
 def job_queue(job: str) -> str | None:
-    """Queue of a snake_case job name from a telemetry metric, or None if unknown."""
+    """Queue of a snake_case job name from a telemetry metric, or None if unknown (a job of a release
+    newer than the table; `library_*` jobs of a newer release are still the library queue's)."""
     q = JOB_QUEUES.get(job)
     if q is None and job.startswith("library_"):
         q = "library"

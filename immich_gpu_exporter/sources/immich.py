@@ -367,7 +367,7 @@ class ImmichSource(Source):
                            worker, text)
             else:
                 reading = latency.parse(text)
-                errors.extend([f"{job}_malformed"] * reading.malformed)
+                errors.extend([f"{job}_histogram_malformed"] * reading.malformed)
                 status[worker] = {"status": "ok" if reading.repo_enabled else "no_repo",
                                   "calls": {f"{k[1]}": h.count for k, h in sorted(reading.histograms.items())}}
                 if not reading.repo_enabled:
