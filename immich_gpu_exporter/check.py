@@ -832,7 +832,8 @@ async def gather(cfg: Mapping[str, Any], root: str = "/", timeout: float = GATHE
                                                      for p in values.get("journal.nvidia-driver-path") or ())
         run_cfg = configmod.Config(values)
         daemon = Daemon()
-        enabled = sources.enabled(run_cfg)
+        # the probe is a synthetic Smart Search: check never sends one (docs/probe.md)
+        enabled = [n for n in sources.enabled(run_cfg) if n != "probe"]
         names = [n for n in ORDER if n in enabled] + [n for n in enabled if n not in ORDER]
         for n in names:
             daemon.add(sources.create(n, run_cfg, daemon.hub))

@@ -63,6 +63,17 @@ def _positive_float(v: Any) -> float:
     return f
 
 
+def _seconds_or_off(v: Any) -> float:
+    """0 (off) or a positive number of seconds."""
+    if not isinstance(v, bool):
+        try:
+            if float(v) == 0:
+                return 0.0
+        except (TypeError, ValueError, OverflowError):
+            pass
+    return _positive_float(v)
+
+
 def _positive_int(v: Any) -> int:
     if isinstance(v, bool):
         raise ValueError(f"expected a positive integer, got {v!r}")
@@ -378,6 +389,17 @@ OPTIONS: tuple[Option, ...] = (
            "(docs/latency.md)", metavar="URL"),
     Option("immich.interval", _positive_float, 5.0, "seconds between Immich API polls"),
     Option("immich.timeout", _positive_float, 3.0, "seconds each Immich API request may take"),
+    # the opt-in Smart Search probe (docs/probe.md)
+    Option("probe.interval", _seconds_or_off, 0.0,
+           "seconds between two synthetic Smart Searches through the API (0: off, the default; it keeps the "
+           "textual model loaded: docs/probe.md)"),
+    Option("probe.key-file", _opt_path, None,
+           "file holding an Immich API key with only the asset.read permission (what Smart Search needs), for the probe; "
+           "never the admin key", metavar="FILE"),
+    Option("probe.query", _opt_str, "a photo of a dog on a beach",
+           "the probe's search phrase; a random word is appended each time so that Immich's embedding cache "
+           "never answers it"),
+    Option("probe.timeout", _positive_float, 30.0, "seconds a probe search may take before it counts as a timeout"),
     # remote machine learning (the server host of a two-host installation)
     Option("remote-ml.exporter-url", _url_list, (),
            "/metrics URL of the exporter on the ML host (repeatable: one per ML URL, in the same order)",
@@ -550,7 +572,27 @@ def load(flags: Mapping[str, Any], config_file: str | None, environ: Mapping[str
     for key, value in ROLE_DEFAULTS[values["deployment.role"]].items():
         if origin[key] == "default":
             values[key], origin[key] = value, "role"
+    _check_probe(values)
     return Config(values, origin)
+
+
+def _check_probe(values: Mapping[str, Any]) -> None:
+    """The probe needs its own key, readable now (docs/probe.md)."""
+    if not values["probe.interval"]:
+        return
+    path = values["probe.key-file"]
+    if not path:
+        raise ConfigError("--probe.interval is set but --probe.key-file is not: the probe needs an API key with "
+                          "asset.read, the permission Smart Search needs (docs/probe.md)")
+    from .files import problem_text, read_small
+
+    try:
+        key = read_small(path, 4096).decode("utf-8", "replace").strip()
+    except OSError as e:
+        raise ConfigError(f"--probe.key-file: cannot read {path}: {problem_text(e)}") from None
+    if not key or not all(0x21 <= ord(c) <= 0x7E for c in key):
+        raise ConfigError(f"--probe.key-file: {path} holds no usable key (empty, or characters an HTTP header "
+                          "cannot carry)")
 
 
 def option_table() -> Sequence[Option]:

@@ -218,6 +218,14 @@ _DEFS: list[MetricDef] = [
        "in seconds, by the provider in force. A Smart Search request costs this plus an encode_text ML call "
        "when the query's embedding is not cached: mean response time = (sum of both _sum) / this _count "
        "(docs/latency.md).", ("provider",), "immich"),
+    _m("immich_smart_search_probe_duration_seconds", "histogram",
+       "Round trip of the exporter's own Smart Search through the API (the opt-in probe, --probe.interval; "
+       "docs/probe.md), successful ones only, by the ONNX execution provider in force at the time. Each query "
+       "is new to the server's embedding cache, so each one includes an encode_text ML call.", ("provider",),
+       "probe"),
+    _m("immich_smart_search_probes_total", "counter",
+       "Probe searches by result: ok, disabled (the server's smart search is off), unauthorized (the probe key "
+       "is refused or lacks asset.read), error, timeout.", ("result",), "probe"),
     _m("immich_server_telemetry_repo_enabled", "gauge",
        "1 if the server process's telemetry serves the repository-method durations that latency needs "
        "(IMMICH_TELEMETRY_INCLUDE has repo or all), 0 if its telemetry answers without them; absent when its "

@@ -18,6 +18,7 @@ SOURCES = {
     "immich": ("immich_gpu_exporter.sources.immich", "ImmichSource"),
     "docker": ("immich_gpu_exporter.sources.docker", "DockerSource"),
     "remote": ("immich_gpu_exporter.sources.remote", "RemoteSource"),
+    "probe": ("immich_gpu_exporter.sources.probe", "ProbeSource"),
 }
 
 
@@ -27,5 +28,14 @@ def create(name: str, config: "Config", hub: "Hub") -> "Source":
 
 
 def enabled(config: "Config") -> list[str]:
-    # The remote source exists only where there is a remote ML host to ask (role server).
-    return [n for n in SOURCES if config[f"collector.{n}"] and (n != "remote" or config["remote-ml.exporter-url"])]
+    # The remote source exists only where there is a remote ML host to ask (role server); the probe only
+    # when its interval is set (docs/probe.md: it is a synthetic load, never on by default).
+    out = []
+    for n in SOURCES:
+        if n == "probe":
+            on = bool(config["probe.interval"])
+        else:
+            on = config[f"collector.{n}"] and (n != "remote" or bool(config["remote-ml.exporter-url"]))
+        if on:
+            out.append(n)
+    return out

@@ -48,7 +48,7 @@ MAX_QUEUE_LABELS = 64  # unknown queue names kept as labels (known ones always a
 MAX_JOB_NAMES = 128  # unknown telemetry job names tracked
 
 
-async def _read_capped(r: aiohttp.ClientResponse) -> bytes | None:
+async def read_capped(r: aiohttp.ClientResponse) -> bytes | None:
     """The body, or None as soon as it is known to exceed MAX_ANSWER_BYTES (never buffered whole)."""
     if r.content_length is not None and r.content_length > MAX_ANSWER_BYTES:
         return None
@@ -179,7 +179,7 @@ class ImmichSource(Source):
                 if r.status != 200:
                     kind = "http_5xx" if r.status >= 500 else "http_4xx"
                     raise RequestFailed(prefix + kind, f"{what} answered HTTP {r.status}", r.status)
-                raw = await _read_capped(r)
+                raw = await read_capped(r)
                 if raw is None:
                     raise RequestFailed(prefix + "too_large", f"{what}: answer larger than {MAX_ANSWER_BYTES} bytes")
         except asyncio.TimeoutError:
