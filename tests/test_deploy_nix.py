@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -58,6 +59,10 @@ def dry_run(args: list[str], tmp_path) -> subprocess.CompletedProcess[str]:
             web = tmp_path / "web config.yml"
             web.write_text('basic_auth_users:\n  prometheus: "$2b$10$CrzTxu4/lHJ77H7u4MZT3ezY3FGsjR66lLxqAb81mmNFaKEgTAT.G"\n')
             args[i] = f"--web.config.file={web}"
+        if a.startswith("--probe.key-file="):  # systemd's LoadCredential= puts the key there at start
+            key = pathlib.Path(a.split("=", 1)[1])
+            key.parent.mkdir(parents=True, exist_ok=True)
+            key.write_text("probe-key-from-loadcredential\n")
     env = clean_env() | {"PYTHONPATH": str(ROOT), "STATE_DIRECTORY": str(tmp_path / "state")}
     return subprocess.run([sys.executable, "-m", "immich_gpu_exporter", *args, "--dry-run"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
@@ -106,6 +111,7 @@ OPTION_SETS = {
         extraFlags = [ "--log.level=debug" "--gpu.pid-labels" ];
         webConfigFile = "/etc/immich-gpu-exporter/web config.yml";
         immichTelemetry = true;
+        probe = { interval = 600; keyFile = "/run/secrets/probe key"; };
       };""",
     "ipv6": 'services.immich-gpu-exporter = { enable = true; listenAddress = "::1"; };',
     "server-role": """services.immich-gpu-exporter = {
@@ -139,8 +145,10 @@ def test_generated_flags_carry_the_options_through(tmp_path):
     assert values["log.level"] == "'debug'" and values["gpu.pid-labels"] == "True"
     assert values["immich.telemetry-url"] == "'http://localhost:8082/metrics'"
     assert values["immich.api-telemetry-url"] == "'http://localhost:8081/metrics'"
+    assert values["probe.interval"] == "600.0"
+    assert values["probe.key-file"] == f"'{tmp_path}/credentials/immich-probe-key'"
     sc = result["exporterService"]["serviceConfig"]
-    assert sc["LoadCredential"] == ["immich-api-key:/run/secrets/immich key"]
+    assert sc["LoadCredential"] == ["immich-api-key:/run/secrets/immich key", "immich-probe-key:/run/secrets/probe key"]
     assert "--web.config.file=/etc/immich-gpu-exporter/web config.yml" in exporter_argv(result)
     assert sc["ExecReload"].endswith("/bin/kill -HUP $MAINPID")  # systemctl reload re-reads the web config
     assert result["firewall"] == [9999]
@@ -241,6 +249,12 @@ def test_immich_gpu_on_a_complete_host_configures_the_units():
     assert "d /var/cache/immich/matplotlib 0750 immich immich -" in result["tmpfiles"]
     # no container toolkit on this host: no ordering on a unit that does not exist
     assert "nvidia-container-toolkit-cdi-generator.service" not in ml["after"]
+
+
+def test_probe_without_a_key_file_fails_the_evaluation():
+    r = evaluate("services.immich-gpu-exporter = { enable = true; probe.interval = 300; };")
+    assert any("probe.keyFile is not" in m for m in r["failedAssertions"]), r["failedAssertions"]
+    assert evaluate("services.immich-gpu-exporter.enable = true;")["failedAssertions"] == []
 
 
 def test_immich_gpu_telemetry_turns_on_the_servers_repository_durations():

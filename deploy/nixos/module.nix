@@ -42,6 +42,10 @@ let
   execStart = lib.concatStringsSep " " (
     [ (utils.escapeSystemdExecArgs ([ (lib.getExe cfg.package) ] ++ args)) ]
     ++ lib.optional (cfg.apiKeyFile != null) "--immich.api-key-file=%d/immich-api-key"
+    ++ lib.optionals (cfg.probe.interval > 0) [
+      "--probe.interval=${toString cfg.probe.interval}"
+      "--probe.key-file=%d/immich-probe-key"
+    ]
     ++ lib.optional (cfg.extraFlags != [ ]) (utils.escapeSystemdExecArgs cfg.extraFlags)
   );
 
@@ -156,6 +160,27 @@ in
       '';
     };
 
+    probe = {
+      interval = mkOption {
+        type = types.ints.unsigned;
+        default = 0;
+        example = 600;
+        description = ''
+          Seconds between two synthetic Smart Searches through the API (0: off). For servers without
+          telemetry; it keeps the textual model loaded and holds its GPU memory (docs/probe.md).
+        '';
+      };
+      keyFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/immich-probe-key";
+        description = ''
+          File holding an Immich API key with only asset.read, for the probe (never the admin key).
+          Read by systemd (LoadCredential=), like apiKeyFile.
+        '';
+      };
+    };
+
     immichTelemetry = mkOption {
       type = types.bool;
       default = false;
@@ -213,6 +238,13 @@ in
   };
 
   config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.probe.interval == 0 || cfg.probe.keyFile != null;
+        message = "services.immich-gpu-exporter: probe.interval is set but probe.keyFile is not (a key with asset.read; docs/probe.md).";
+      }
+    ];
+
     # A static system user rather than DynamicUser=: dbus-daemon drops connections from uids it
     # cannot resolve (see the shipped unit); NixOS may run either dbus-daemon or dbus-broker.
     users.users.immich-gpu-exporter = {
@@ -241,7 +273,8 @@ in
 
         StateDirectory = "immich-gpu-exporter";
         StateDirectoryMode = "0700";
-        LoadCredential = lib.optional (cfg.apiKeyFile != null) "immich-api-key:${cfg.apiKeyFile}";
+        LoadCredential = lib.optional (cfg.apiKeyFile != null) "immich-api-key:${cfg.apiKeyFile}"
+          ++ lib.optional (cfg.probe.interval > 0 && cfg.probe.keyFile != null) "immich-probe-key:${cfg.probe.keyFile}";
 
         DevicePolicy = "closed";
         DeviceAllow = [ "char-nvidia* rw" "/dev/nvidiactl rw" "/dev/nvidia-uvm rw" ];
