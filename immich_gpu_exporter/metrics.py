@@ -147,6 +147,11 @@ _DEFS: list[MetricDef] = [
        "Journal entries read but not used: untrusted (a container name not written by the container "
        "runtime as root: forgeable by any local user) or oversized (over the per-entry byte bound).",
        ("reason",), "exporter"),
+    _m("immich_gpu_exporter_journal_gaps_total", "counter",
+       "Times the exporter found the journal entry it had read last deleted (the journal was rotated and "
+       "vacuumed while it was stopped or journalctl was down): the unit's entries logged in between were "
+       "lost unread, the one loss the journal allows. Their number cannot be known once deleted.", (),
+       "exporter"),
     _m("immich_gpu_exporter_journal_labels_dropped_total", "counter",
        "Label values from the journal exposed as \"other\" because their label reached its cardinality cap.",
        ("label",), "exporter"),

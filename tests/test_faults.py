@@ -181,3 +181,73 @@ def test_each_fault_takes_down_only_its_source_which_recovers_alone(nested_syste
         finally:
             ex.stop()
     assert "Traceback" not in ex.logs()
+
+
+def same_args(ex: Exporter) -> list[str]:
+    """The stopped exporter's arguments, for a restart (the new one gets its own listen port)."""
+    return [a for a in ex.args if not a.startswith("--web.listen-address=")]
+
+
+def test_journal_vacuumed_while_the_exporter_is_stopped_is_the_one_counted_loss(nested_systemd: NestedSystemd,
+                                                                                   tmp_path):
+    """Stopped exporter; the unit logs K lines; the journal is rotated and vacuumed (those K lines are
+    deleted unread); the unit logs M more; the exporter starts again from its saved cursor: the K lines are
+    the one allowed loss and are counted as such (one gap), the M lines are counted once each, nothing
+    before is counted twice."""
+    sim = QueueSim("smartSearch", concurrency=1, job_seconds=0.5, arrivals=[time.monotonic()])
+    with FakeImmich(queues=[sim], keys={KEY: Key()}) as fake:
+        rig = Rig(nested_systemd, tmp_path, fake)
+        ex = rig.exporter
+        try:
+            wait_for(lambda: rig.up("journal") == 1, DEADLINE, what="journal up")
+            rig.print_lines(20, "before-stop")
+            wait_for(lambda: rig.entries_counted() == rig.printed, DEADLINE, what="lines before the stop")
+            counted_before = rig.entries_counted()
+            assert value(rig.metrics(), "immich_gpu_exporter_journal_gaps_total") == 0
+        finally:
+            assert ex.stop() == 0  # SIGTERM: the cursor and the counters are saved
+        rig.print_lines(7, "vacuumed-unread")
+        lost = 7
+        time.sleep(0.5)  # journald has written them
+        rig.ns.run("journalctl", "--rotate", check=True)
+        time.sleep(1.5)
+        rig.ns.run("journalctl", "--vacuum-time=1s", check=True)
+        gone = rig.ns.run("journalctl", "-u", ML_UNIT, "--no-pager", "-o", "cat", check=True).stdout
+        assert "vacuumed-unread" not in gone and "before-stop" not in gone, gone  # really deleted
+        rig.print_lines(9, "after-vacuum")
+        time.sleep(0.5)
+        again = Exporter(same_args(ex), env=ex.env, log_path=tmp_path / "exporter-2.log").start(timeout=30)
+        rig.exporter = again
+        try:
+            wait_for(lambda: rig.entries_counted() == rig.printed - lost, DEADLINE,
+                     what=f"lines after the vacuum (counted {rig.entries_counted()}, printed {rig.printed}, lost {lost})")
+            time.sleep(1.0)
+            m = rig.metrics()
+            assert rig.entries_counted() == counted_before + 9 == rig.printed - lost  # none twice, K lost
+            assert value(m, "immich_gpu_exporter_journal_gaps_total") == 1  # the loss, counted
+            assert value(m, "immich_gpu_exporter_source_up", source="journal") == 1
+            assert "the entry of the saved cursor is gone" in again.logs()
+        finally:
+            again.stop()
+        assert "Traceback" not in again.logs()
+
+
+def test_rotation_alone_is_no_gap(nested_systemd: NestedSystemd, tmp_path):
+    """The cursor's entry moved into an archived file, still there: a restart resumes exactly, no gap."""
+    with FakeImmich(keys={KEY: Key()}) as fake:
+        rig = Rig(nested_systemd, tmp_path, fake)
+        ex = rig.exporter
+        try:
+            rig.print_lines(5, "before-rotate")
+            wait_for(lambda: rig.entries_counted() == rig.printed, DEADLINE, what="lines before the rotation")
+        finally:
+            ex.stop()
+        rig.ns.run("journalctl", "--rotate", check=True)
+        rig.print_lines(4, "after-rotate")
+        again = Exporter(same_args(ex), env=ex.env, log_path=tmp_path / "exporter-2.log").start(timeout=30)
+        rig.exporter = again
+        try:
+            wait_for(lambda: rig.entries_counted() == rig.printed, DEADLINE, what="lines after the rotation")
+            assert value(rig.metrics(), "immich_gpu_exporter_journal_gaps_total") == 0
+        finally:
+            again.stop()

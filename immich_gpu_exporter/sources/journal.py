@@ -253,6 +253,7 @@ class JournalSource(Source):
         self.transcode = TranscodeState(int(config["journal.transcode-window"]))
         self.cursor: str | None = None
         self.entries_read = 0
+        self.gaps = 0  # times the saved cursor's entry had been vacuumed before the entries after it were read
         self._state_dir = state_directory(config["state.directory"])
         self._state_path: str | None = None
         self._loaded = False
@@ -513,6 +514,31 @@ class JournalSource(Source):
             self._proc = None
         return rc, b"".join(err_parts).decode(errors="replace")
 
+    async def cursor_vacuumed(self) -> bool:
+        """Whether the saved cursor's entry is no longer in the journal. `--after-cursor` then silently
+        resumes at the next entry still there: whatever the unit logged in between was deleted (rotated
+        and vacuumed) before it was read, the one loss the journal allows. How many entries that was
+        cannot be known once they are deleted (journald keeps no per-unit sequence), so the gap itself is
+        counted (immich_gpu_exporter_journal_gaps_total)."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.base_args(), f"--cursor={self.cursor}", *self.matches(), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, limit=MAX_ENTRY_BYTES + 1024)
+        try:
+            assert proc.stdout is not None
+            first = await asyncio.wait_for(proc.stdout.readline(), 10.0)
+        except (asyncio.TimeoutError, ValueError):  # no answer, or an entry over the bound: cannot tell
+            first = b""
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        if not first.strip():
+            return False  # nothing at or after it: nothing was lost that could be read
+        try:
+            return json.loads(first).get("__CURSOR") != self.cursor
+        except (ValueError, AttributeError):
+            return False
+
     def _is_ml(self, e: dict[str, Any]) -> bool:
         # same attribution as mllog.Parser.feed: a server unit wins over a (podman quadlet) container name
         if field_text(e.get("_SYSTEMD_UNIT")) in self.server_units:
@@ -634,10 +660,20 @@ class JournalSource(Source):
                         self._on_chunk()
                     if rc != 0 or stderr_down(err):
                         raise _Failed(rc, err)
+                at_cursor = False
+                if self.cursor is not None and await self.cursor_vacuumed():
+                    # --after-cursor would also skip the first entry still there (journalctl 252 skips
+                    # one entry after seeking, found or not): start AT the vanished cursor's position
+                    at_cursor = True
+                    self.gaps += 1
+                    log.warning("journal: the entry of the saved cursor is gone (the journal was rotated and "
+                                "vacuumed while it was not read): entries of the unit logged in between are lost; "
+                                "resuming at the oldest entry still there")
                 # --lines=all always: --follow alone implies --lines=10, and journalctl applies that
                 # after --after-cursor too, so a resume with more than ten new entries lost the rest
                 args = self.base_args() + ["--follow", "--lines=all"]
-                args += [f"--after-cursor={self.cursor}"] if self.cursor else []
+                if self.cursor:
+                    args.append(f"--cursor={self.cursor}" if at_cursor else f"--after-cursor={self.cursor}")
                 rc, err = await self.pump(args + self.matches(), self._on_chunk)
                 raise _Failed(rc, err)
             except asyncio.CancelledError:
@@ -696,6 +732,7 @@ class JournalSource(Source):
             self.ml.observe_gpu(now, None)
         dropped = [sample("immich_gpu_exporter_journal_entries_dropped_total", self.dropped.get(r, 0), reason=r)
                    for r in ("untrusted", "oversized")]
+        dropped.append(sample("immich_gpu_exporter_journal_gaps_total", self.gaps))
         dropped += [sample("immich_gpu_exporter_journal_labels_dropped_total", n, label=label)
                     for label, n in sorted(getattr(self.ml, "labels_dropped", {}).items())]
         if not self.ml.entries and self.hub.facts("docker").get("ml_logs"):
