@@ -23,7 +23,9 @@ Owns the I/O around `docker_api` (the one Docker client) and `mllog`:
 
 No socket at `docker.socket` means "no Docker on this host": the source stays up and reports no
 containers (a systemd-only host must not raise ImmichGPUExporterSourceDown). A socket that
-refuses (permission denied) or fails takes the source down with the reason.
+refuses (permission denied) or fails takes the source down with the reason, and so does a socket
+that disappears after dockerd answered on it (`socket_gone`: dockerd stopped); it comes back up by
+itself when dockerd answers again.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class DockerSource(Source):
         self.gaps: dict[str, int] = {}  # container name -> rotated-away gaps
         self.lines_read = 0
         self.present = False  # the socket exists
+        self._answered = False  # dockerd answered on the socket since the exporter started
         self._down: SourceDown | None = None
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -153,11 +156,18 @@ class DockerSource(Source):
         """List and inspect Immich's containers; raises DockerUnavailable."""
         async with self._refresh_lock:
             if not os.path.exists(self.api.socket_path):
+                was_there = self._answered
                 self.present = False
                 self.views, self.components = {}, {}
+                if was_there:
+                    # dockerd answered here before: its socket vanishing is dockerd stopping, a fault, not
+                    # "no Docker on this host" (that is only a socket never seen since the exporter started)
+                    raise dapi.DockerUnavailable("socket_gone", f"the Docker API socket {self.api.socket_path} "
+                                                 "is gone (dockerd stopped?); it answered before")
                 return
             self.present = True
             listed = await self.api.containers()
+            self._answered = True
             wanted: dict[str, str] = {}
             for c in listed:
                 labels = c.get("Labels") or {}

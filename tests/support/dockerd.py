@@ -85,6 +85,13 @@ class Dockerd:
             time.sleep(0.2)
         raise DockerdFailed(f"dockerd did not answer within {timeout:g}s: {self.log_tail()}")
 
+    def stop_daemon(self, timeout: float = 30.0) -> None:
+        """dockerd stops (SIGTERM: its containers stop too, it removes its socket); its data stays, so
+        `start()` brings the same daemon back on the same socket."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout)
+
     def log_tail(self, n: int = 5) -> str:
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
