@@ -171,3 +171,53 @@ async def test_full_table_evicts_the_oldest_idle_connection_never_a_busy_one():
     finally:
         await listener.close()
         await runner.cleanup()
+
+
+async def test_stalled_tls_handshakes_are_bounded_and_a_tls_scrape_is_still_served(tmp_path):
+    """TLS on (the web config): a client that connects and never finishes the handshake is in the
+    connection table from accept on, so it is closed after the header timeout and evicted first when the
+    table is full; a real TLS client is served meanwhile."""
+    import ssl
+
+    from tests.test_web_config import make_cert
+
+    cert, key = make_cert(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    listener = Listener(runner.server, ssl_context=lambda: server_ctx, cap=4, header_timeout=0.5)
+    (host, port), *_ = await listener.start("127.0.0.1", 0)
+    try:
+        # one client stalls before the handshake, one stalls inside it (a partial ClientHello)
+        silent_r, silent_w = await asyncio.open_connection(host, port)
+        partial_r, partial_w = await asyncio.open_connection(host, port)
+        partial_w.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(silent_r.read(), 10) == b""
+        assert await asyncio.wait_for(partial_r.read(), 10) == b""
+        assert time.monotonic() - t0 >= 0.4  # closed by the timeout, not at once
+        # more stalled handshakes than the table holds: the oldest are evicted, a real scrape gets in
+        stalled = [await asyncio.open_connection(host, port) for _ in range(8)]
+        await asyncio.sleep(0.1)
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=client_ctx,
+                                                              server_hostname="127.0.0.1"), 10)
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(r.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok")
+        assert listener.evicted >= 4
+        assert len(listener.conns) <= 4
+        for _, sw in stalled:
+            sw.close()
+        for wr in (silent_w, partial_w, w):
+            wr.close()
+    finally:
+        await listener.close()
+        await runner.cleanup()
