@@ -87,6 +87,14 @@ def run_phase(sim: TelemetrySim, truth: Truth, provider: str, rng: random.Random
         time.sleep(STEP)
 
 
+def docs_smart_search_expr() -> str:
+    """The first PromQL block of docs/latency.md's PromQL section, verbatim."""
+    import re
+
+    text = (dashboard.ROOT / "docs" / "latency.md").read_text().split("## PromQL", 1)[1]
+    return re.search(r"```promql\n(.*?)```", text, re.S).group(1).strip()
+
+
 def board_query(title: str, ref: str = "A", **pick: str) -> str:
     (expr,) = [e for t, r, e in dashboard.queries(dashboard.load(), range_="5m", rate="5m") if t == title and r == ref]
     if "immich" in pick:
@@ -187,5 +195,12 @@ def test_dashboard_latency_panels_show_the_truth_by_provider_on_one_and_two_host
                             assert low <= p95[(method, provider)] <= high, (job, method, provider, p95)
                     # CPU vs CUDA: what the panels are for
                     assert got[CPU] > 3 * got[CUDA], got
+                # the documented PromQL (docs/latency.md), for the one-host exporter
+                docs = {r["metric"].get("provider", ""): r["value"] for r in prom.query(
+                    docs_smart_search_expr().replace("[1h]", "[5m]").replace(
+                        "_sum[", '_sum{job="one-host"}[').replace("_count[", '_count{job="one-host"}[').replace(
+                        '{call="encode_text"}', '{call="encode_text",job="one-host"}'))}
+                for provider in (CPU, CUDA):
+                    assert docs[provider] == pytest.approx(truth.search_mean_s(provider), rel=0.10), docs
                 print("Smart Search mean by provider:", searches, "truth:",
                       {p: round(truth.search_mean_s(p), 4) for p in (CPU, CUDA)})
