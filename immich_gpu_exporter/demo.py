@@ -761,6 +761,9 @@ class DemoImmich(ImmichSource):
         self.scenario = scenario
         self._pinged = -math.inf
 
+    async def start(self) -> None:
+        """No state file: the demo host is imaginary, nothing of it is kept or resumed."""
+
     @property
     def interval(self) -> float:
         return INTERVAL

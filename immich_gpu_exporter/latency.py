@@ -216,6 +216,36 @@ class LatencyAccumulator:
             acc = Histogram(delta.bounds, (0.0,) * len(delta.bounds), 0.0, 0.0)
         self._acc[at] = acc.plus(delta)
 
+    # -- persistence (the state directory; sources/immich.py) ----------------------------------------
+    def dump(self) -> dict:
+        def h(x: Histogram) -> list:
+            return [list(x.bounds), list(x.cumulative), x.count, x.sum]
+
+        return {"last": {w: [[k[0], k[1], *h(x)] for k, x in sorted(r.items())] for w, r in sorted(self._last.items())},
+                "acc": [[k[0], k[1], p, *h(x)] for (k, p), x in sorted(self._acc.items())],
+                "provider": dict(self._provider)}
+
+    def load(self, data: object) -> None:
+        """Restore a dump; raises ValueError on anything that is not one (the caller sets the file aside).
+        Calls made while the exporter was stopped are then counted at its first poll, under the provider
+        in force at its last one."""
+        if not isinstance(data, dict):
+            raise ValueError("latency state: not an object")
+        last, acc, provider = data.get("last"), data.get("acc"), data.get("provider")
+        if not isinstance(last, dict) or not isinstance(acc, list) or not isinstance(provider, dict):
+            raise ValueError("latency state: last/acc/provider of the wrong type")
+        if len(acc) > MAX_STATE_SERIES or len(last) > len(WORKERS):
+            raise ValueError("latency state: too many series")
+        restored_last = {_worker(w): dict(_key_hist(row) for row in _rows(rows)) for w, rows in last.items()}
+        restored_acc = {}
+        for row in acc:
+            if not isinstance(row, list) or len(row) != 7 or not isinstance(row[2], str) or len(row[2]) > 128:
+                raise ValueError("latency state: a malformed series")
+            key, hist = _key_hist([row[0], row[1], *row[3:]])
+            restored_acc[(key, row[2])] = hist
+        restored_provider = {_worker(w): p for w, p in provider.items() if isinstance(p, str) and len(p) <= 128}
+        self._last, self._acc, self._provider = restored_last, restored_acc, restored_provider
+
     def samples(self) -> list[Sample]:
         out: list[Sample] = []
         for ((kind, name), provider), h in sorted(self._acc.items()):
@@ -235,6 +265,40 @@ class LatencyAccumulator:
             c, s = out.get(key, (0.0, 0.0))
             out[key] = (c + h.count, s + h.sum / 1000.0)
         return out
+
+
+MAX_STATE_SERIES = 5 * 64  # keys x providers: the provider label is capped upstream well below this
+
+
+def _worker(w: object) -> str:
+    if w not in WORKERS:
+        raise ValueError(f"latency state: unknown worker {str(w)[:40]!r}")
+    return str(w)
+
+
+def _rows(rows: object) -> list:
+    if not isinstance(rows, list) or len(rows) > 8:
+        raise ValueError("latency state: a reading of the wrong shape")
+    return rows
+
+
+def _key_hist(row: object) -> tuple[Key, Histogram]:
+    if not isinstance(row, list) or len(row) != 6:
+        raise ValueError("latency state: a histogram of the wrong shape")
+    kind, name, bounds, cumulative, count, total = row
+    if (kind, name) not in {("ml", c) for c in ML_CALLS} | {("search", SMART_SEARCH)}:
+        raise ValueError(f"latency state: unknown series {str(kind)[:20]}/{str(name)[:40]}")
+    if not (isinstance(bounds, list) and isinstance(cumulative, list) and len(bounds) == len(cumulative)
+            and len(bounds) <= MAX_BUCKETS):
+        raise ValueError("latency state: buckets of the wrong shape")
+    nums = [*bounds, *cumulative, count, total]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 <= x <= MAX_VALUE
+               for x in nums):
+        raise ValueError("latency state: a value out of range")
+    if list(bounds) != sorted(bounds) or any(a > b for a, b in zip(cumulative, cumulative[1:])) or \
+            (cumulative and cumulative[-1] > count):
+        raise ValueError("latency state: not a cumulative histogram")
+    return (kind, name), Histogram(tuple(map(float, bounds)), tuple(map(float, cumulative)), float(count), float(total))
 
 
 def histogram_samples(metric: str, h: Histogram, *, per_second: float = 1000.0, **labels: str) -> list[Sample]:

@@ -216,8 +216,8 @@ _DEFS: list[MetricDef] = [
        "Duration of the Immich server's successful calls to the machine-learning service, by call (encode_image, "
        "encode_text, detect_faces, ocr), as the server's telemetry measures them (repository group, both "
        "processes), re-exported in seconds with Immich's own bucket boundaries and labelled with the ONNX "
-       "execution provider in force when the exporter read them (empty before a verdict). Counted from the "
-       "exporter's start; a server restart is not a reset here.", ("call", "provider"), "immich"),
+       "execution provider in force when the exporter read them (empty before a verdict). Kept across "
+       "exporter restarts (the state directory); a server restart is not a reset here.", ("call", "provider"), "immich"),
     _m("immich_smart_search_query_duration_seconds", "histogram",
        "Duration of the server's smart-search database query (the search repository's searchSmart, API process), "
        "in seconds, by the provider in force. A Smart Search request costs this plus an encode_text ML call "

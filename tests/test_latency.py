@@ -197,3 +197,39 @@ def test_parse_is_linear_in_the_size_of_the_text():
 
     small, large = cost(200), cost(1600)
     assert large < 16 * small, (small, large)
+
+
+def test_state_round_trip_keeps_every_series_and_the_baselines():
+    import json
+
+    sim, acc = TelemetrySim(), LatencyAccumulator()
+    sim.record("api", "system_metadata", "get", 1.0)
+    feed(acc, sim, CPU)
+    sim.record("api", "machine_learning", "encode_text", 90.0)
+    feed(acc, sim, CUDA)
+    restored = LatencyAccumulator()
+    restored.load(json.loads(json.dumps(acc.dump())))
+    assert [s for s in restored.samples() if "repo_enabled" not in s.name] == \
+        [s for s in acc.samples() if "repo_enabled" not in s.name]
+    # the restored baselines: a call made meanwhile is counted once, under the provider of the last poll
+    sim.record("api", "machine_learning", "encode_text", 12.0)
+    feed(restored, sim, CUDA)
+    assert count_of(restored, "immich_ml_call_duration_seconds", call="encode_text", provider=CUDA) == 1
+    assert count_of(restored, "immich_ml_call_duration_seconds", call="encode_text", provider=CPU) == 1
+
+
+@pytest.mark.parametrize("bad", [
+    None, [], {"last": {}, "acc": {}, "provider": {}}, {"last": {"gpu": []}, "acc": [], "provider": {}},
+    {"last": {}, "acc": [["ml", "predict", "", [1.0], [0.0], 0, 0]], "provider": {}},
+    {"last": {}, "acc": [["ml", "ocr", "", [1.0, 0.5], [0.0, 0.0], 0, 0]], "provider": {}},
+    {"last": {}, "acc": [["ml", "ocr", "", [1.0], [3.0], 2, 0]], "provider": {}},
+    {"last": {}, "acc": [["ml", "ocr", "", [1.0], [float("inf")], 2, 0]], "provider": {}},
+    {"last": {}, "acc": [["ml", "ocr", 7, [1.0], [0.0], 0, 0]], "provider": {}},
+    {"last": {}, "acc": [["ml", "ocr", "", [1.0], [0.0], True, 0]], "provider": {}},
+    {"last": {"api": [["search", "search_smart", [1.0], [1.0]]]}, "acc": [], "provider": {}},
+])
+def test_a_bad_state_is_refused_whole(bad):
+    acc = LatencyAccumulator()
+    with pytest.raises(ValueError):
+        acc.load(bad)
+    assert acc.samples() == []

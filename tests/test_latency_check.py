@@ -9,6 +9,7 @@ or =job (without them), or do not listen at all.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -80,3 +81,37 @@ def test_daemon_without_repo_durations_exposes_no_latency_series_and_says_why(tm
         page = body.decode()
         assert "add repo to the server&#x27;s IMMICH_TELEMETRY_INCLUDE" in page, page
         assert "repository durations" in exp.logs()
+
+
+def test_calls_made_while_the_exporter_was_stopped_are_counted_once_after_its_restart(tmp_path):
+    """The latency histograms and the last reading of each process are kept in the state directory:
+    a restart continues the counters (no reset), the calls made meanwhile are counted at the first poll,
+    nothing twice; a corrupt state file is set aside with one warning."""
+    sim = TelemetrySim()
+    sim.record("api", "system_metadata", "get", 0.5)
+    state = tmp_path / "state"
+    with FakeImmich(keys={KEY: Key()}, latency=sim) as fake:
+        args = [*OFF, f"--immich.url={fake.url}", f"--immich.ml-url={fake.ml_url}", "--immich.interval=0.2",
+                f"--immich.api-telemetry-url={fake.api_telemetry_url}", f"--state.directory={state}"]
+        count = lambda exp: value(parse(exp.metrics()), "immich_smart_search_query_duration_seconds_count",  # noqa: E731
+                                  provider="")
+        with Exporter(args, log_path=tmp_path / "one.log") as exp:
+            wait_for(lambda: count(exp) == 0, 15, what="the series at 0")
+            for ms in (5.0, 6.0, 7.0):
+                sim.record("api", "search", "search_smart", ms)
+            wait_for(lambda: count(exp) == 3, 15, what="three searches")
+        assert (state / "latency-state.json").exists()
+        for ms in (8.0, 9.0):  # while the exporter is stopped
+            sim.record("api", "search", "search_smart", ms)
+        with Exporter(args, log_path=tmp_path / "two.log") as exp:
+            wait_for(lambda: count(exp) == 5, 15, what="the two searches made while it was stopped")
+            time.sleep(0.6)
+            m = parse(exp.metrics())
+            assert count(exp) == 5
+            assert value(m, "immich_smart_search_query_duration_seconds_sum", provider="") == pytest.approx(0.035)
+            assert "resuming the latency histograms" in exp.logs()
+        (state / "latency-state.json").write_text('{"version": 1, "latency": {"acc": "nope"}}')
+        with Exporter(args, log_path=tmp_path / "three.log") as exp:
+            wait_for(lambda: count(exp) == 0, 15, what="a fresh start after the corrupt state")
+            assert exp.logs().count("unusable latency state") == 1
+        assert (state / "latency-state.json.bad").exists()

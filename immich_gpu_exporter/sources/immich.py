@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import stat
+import time
 from typing import Any
 
 import aiohttp
@@ -33,6 +34,7 @@ import aiohttp
 from .. import immich_api as api, latency, logs, remote
 from ..config import redact_url
 from ..files import problem_text, read_small
+from .journal import state_directory, write_atomic
 from ..core import CollectResult, Sample, SourceDown, sample
 from ..timings import METHOD_BACKLOG, METHOD_TELEMETRY, Observation, QueueTimings
 from .base import Source, provider_in_force
@@ -43,6 +45,10 @@ ACCEL_RETRY = 15.0  # after a failed read
 ACCEL_FORBIDDEN_RETRY = 3600.0  # after a 403: the key may get the permission later
 
 
+LATENCY_STATE_FILE = "latency-state.json"
+LATENCY_STATE_VERSION = 1
+MAX_LATENCY_STATE_BYTES = 4 << 20
+PERSIST_EVERY = 10.0  # seconds between writes of the latency state while calls are counted
 MAX_ANSWER_BYTES = 8 << 20  # per answer; Immich's largest (telemetry, /api/queues) are a few KiB
 MAX_QUEUE_LABELS = 64  # unknown queue names kept as labels (known ones always are)
 MAX_JOB_NAMES = 128  # unknown telemetry job names tracked
@@ -96,6 +102,9 @@ class ImmichSource(Source):
         self._telemetry_url = tele
         self._api_telemetry_url = _metrics_url(config["immich.api-telemetry-url"])
         self.latency = latency.LatencyAccumulator()
+        self._latency_path: str | None = None
+        self._latency_dirty = False
+        self._latency_saved = 0.0
         # worker -> {"status": not_configured | unreachable | no_repo | ok, ...}, for check and the page
         self.latency_status: dict[str, dict[str, Any]] = {}
         method = METHOD_TELEMETRY if tele else METHOD_BACKLOG
@@ -123,10 +132,66 @@ class ImmichSource(Source):
         # Two rounds of requests, plus the fallbacks to /api/server-info and /api/jobs, each bounded.
         return 4 * float(self.config["immich.timeout"]) + 1.0
 
+    async def start(self) -> None:
+        # The daemon binds a wake-up event before start(); a single pass (--once, check) does not, and then
+        # the latency state is read but never written (as the journal's cursor).
+        self._load_latency(writable=self._wake is not None)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._latency_path is not None and self._latency_dirty:
+            try:
+                write_atomic(self._latency_path, self._latency_json())
+            except OSError as e:
+                log.warning("immich: cannot write %s: %s", self._latency_path, e)
+
+    # -- latency state (docs/latency.md: nothing lost across a restart) ----------------------------
+    def _load_latency(self, writable: bool) -> None:
+        path = os.path.join(state_directory(self.config["state.directory"]), LATENCY_STATE_FILE)
+        try:
+            data = json.loads(read_small(path, MAX_LATENCY_STATE_BYTES))
+            if not isinstance(data, dict) or data.get("version") != LATENCY_STATE_VERSION:
+                raise ValueError("unknown version")
+            self.latency.load(data.get("latency"))
+            log.info("immich: resuming the latency histograms from %s", path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, RecursionError) as e:
+            why = problem_text(e) if isinstance(e, OSError) else str(e)
+            try:
+                os.replace(path, path + ".bad")
+                where = f"moved to {path}.bad"
+            except OSError as err:
+                where = f"could not move it aside: {err.strerror or err}"
+            log.warning("immich: unusable latency state %s (%s); %s; the histograms start afresh", path, why, where)
+            self.latency = latency.LatencyAccumulator()
+        if not writable:
+            return
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._latency_path = path
+        except OSError as e:
+            log.warning("immich: state directory not writable (%s); the latency histograms start afresh at every "
+                        "restart", e.strerror or e)
+
+    def _latency_json(self) -> str:
+        return json.dumps({"version": LATENCY_STATE_VERSION, "latency": self.latency.dump(), "saved_at": time.time()},
+                          separators=(",", ":"))
+
+    async def _persist_latency(self) -> None:
+        if self._latency_path is None or not self._latency_dirty:
+            return
+        if time.monotonic() - self._latency_saved < PERSIST_EVERY:
+            return
+        data = self._latency_json()
+        self._latency_dirty, self._latency_saved = False, time.monotonic()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, write_atomic, self._latency_path, data)
+        except OSError as e:
+            self._latency_dirty = True
+            log.warning("immich: cannot write %s: %s", self._latency_path, e)
 
     def _once(self, key: str, level: int, msg: str, *args: Any) -> None:
         if key not in self._logged:
@@ -248,6 +313,7 @@ class ImmichSource(Source):
             raise SourceDown(ping.reason, str(ping), tuple(samples))
         if server_up:
             facts["latency"] = self.latency_status
+        await self._persist_latency()
         if self._accel is not None:
             facts["transcode_configured"] = {"accel": self._accel.accel, "decode": self._accel.decode}
         return CollectResult(tuple(samples), facts, errors=tuple(errors))
@@ -376,6 +442,7 @@ class ImmichSource(Source):
                                "IMMICH_TELEMETRY_INCLUDE (or set it to all) for ML call and Smart Search latency",
                                worker)
             self.latency.observe(worker, reading, provider)
+            self._latency_dirty = self._latency_dirty or reading is not None
         self.latency_status = status
 
     async def _configured_acceleration(self, key: str) -> api.ConfiguredAcceleration | None:
