@@ -10,10 +10,10 @@ gives), not a test step: the outputs are committed and tests/test_job_queues.py 
     python scripts/derive_job_queues.py --from-fixtures     # only regenerate job_queues.py
 
 Releases: the last patch of every minor from v1.106 up to v3.1.0 (and v3.1.0 itself). v1.106 is the
-oldest release the exporter reads as it is: the ML service's `/predict` API, model types and log lines
-it parses are those of v1.106 on (composable ML), the microservices worker runs inside the server
-container (its telemetry on :8082) since v1.106, and it is the first release with every queue of today's
-v1 line (duplicateDetection came in v1.106). The mirror has no tags: a release is its version-bump commit,
+first release with the telemetry layout the exporter reads: the microservices worker's own metrics port,
+8082 (IMMICH_MICROSERVICES_METRICS_PORT; v1.105 and older served one process's metrics on 8081), where
+the job counters are. It is also the first with the ML service's composable `/predict` API and with the
+duplicateDetection queue. The mirror has no tags: a release is its version-bump commit,
 "Version vX.Y.Z" up to v1.112 and "chore: version vX.Y.Z" after, checked against server/package.json at
 that commit; release candidates are left out.
 
@@ -65,8 +65,8 @@ PROBES = ("Asset3DModel", "AssetOCR", "HTTPServer", "IOError", "JobV2", "MLJob",
 _RELEASE = re.compile(r"^(?P<commit>[0-9a-f]{40}) (?:chore: version|Version) v(?P<v>\d+\.\d+\.\d+)$")
 _ENUM = r"export enum {name}\s*\{{(?P<body>.*?)\n\}}"
 _MEMBER = re.compile(r"^\s*(?P<key>\w+)\s*=\s*'(?P<value>[^']+)',?\s*(?://.*)?$")
-_ON_JOB = re.compile(r"^[ \t]*@OnJob\(\{\s*name:\s*JobName\.(?P<job>\w+),\s*queue:\s*QueueName\.(?P<queue>\w+),?\s*\}\)",
-                     re.M)
+_ON_JOB = re.compile(r"^[ \t]*@OnJob\(\{\s*name:\s*JobName\.(?P<job>\w+),"
+                     r"\s*queue:\s*QueueName\.(?P<queue>\w+),?\s*\}\)", re.M)
 _MAP_ENTRY = re.compile(r"\[JobName\.(?P<job>\w+)\]:\s*QueueName\.(?P<queue>\w+)")
 _JOB_METRIC = re.compile(r"`immich\.jobs\.\$\{(?P<expr>[^`]*?)\}\.\$\{[^`]*\}`")
 NOT_SPEC = ":(exclude)*.spec.ts"
@@ -102,7 +102,8 @@ def releases(git_dir: str) -> list[tuple[tuple[int, int, int], str]]:
     for v, commit in picked:
         pkg = json.loads(git(git_dir, "show", f"{commit}:server/package.json"))
         if vtuple(pkg["version"]) != v:
-            raise SystemExit(f"{commit[:10]}: bumps to v{'.'.join(map(str, v))} but server/package.json says {pkg['version']}")
+            raise SystemExit(f"{commit[:10]}: bumps to v{'.'.join(map(str, v))}"
+                             f" but server/package.json says {pkg['version']}")
     if not picked or picked[-1][0] != NEWEST:
         raise SystemExit(f"v{'.'.join(map(str, NEWEST))} not found in {git_dir}")
     return picked
@@ -221,7 +222,8 @@ def check_snake_case(fixtures: list[dict], lodash_dir: str | None) -> None:
     lacking = [n for n in names if n not in captured]
     if lacking:
         raise SystemExit(f"no lodash capture for {lacking}: run again with --lodash DIR")
-    wrong = [f"{n!r}: lodash {captured[n]!r}, snake_case {snake_case(n)!r}" for n in names if snake_case(n) != captured[n]]
+    wrong = [f"{n!r}: lodash {captured[n]!r}, snake_case {snake_case(n)!r}"
+             for n in names if snake_case(n) != captured[n]]
     if wrong:
         raise SystemExit("immich_api.snake_case differs from lodash:\n  " + "\n  ".join(wrong))
 

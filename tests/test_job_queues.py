@@ -8,6 +8,7 @@ import importlib.util
 import json
 import pathlib
 import re
+import subprocess
 
 import pytest
 
@@ -81,7 +82,8 @@ def test_snake_case_is_lodashs_on_every_name():
     cap = json.loads((DIR / "lodash-snakecase.json").read_text())
     assert cap["lodash"].startswith("4.")
     names = cap["snakeCase"]
-    every = {r["job"] for fx in RELEASES.values() for r in fx["jobs"]} | {q for fx in RELEASES.values() for q in fx["queues"]}
+    every = ({r["job"] for fx in RELEASES.values() for r in fx["jobs"]}
+             | {q for fx in RELEASES.values() for q in fx["queues"]})
     assert every <= set(names)
     assert {"Asset3DModel", "HTTPServer", "JobV2", "IOError"} <= set(names)
     wrong = {n: (s, api.snake_case(n)) for n, s in names.items() if api.snake_case(n) != s}
@@ -137,8 +139,10 @@ def test_fixtures_are_written_as_the_script_writes_them():
 
 def test_the_union_refuses_a_job_that_changed_queue():
     mod = script()
-    a = {"version": "v1.0.0", "naming": "snakeCase", "queues": ["x", "y"], "jobs": [{"job": "A", "telemetry": "a", "queue": "x"}]}
-    b = {"version": "v1.1.0", "naming": "snakeCase", "queues": ["x", "y"], "jobs": [{"job": "A", "telemetry": "a", "queue": "y"}]}
+    def release(version: str, queue: str) -> dict:
+        return {"version": version, "naming": "snakeCase", "queues": ["x", "y"],
+                "jobs": [{"job": "A", "telemetry": "a", "queue": queue}]}
+    a, b = release("v1.0.0", "x"), release("v1.1.0", "y")
     assert mod.union([a, a]) == {"a": "x"}
     with pytest.raises(SystemExit, match="a: queue x in v1.0.0, y in v1.1.0"):
         mod.union([a, b])
@@ -176,3 +180,108 @@ def test_an_unknown_job_has_no_queue_not_a_guessed_one():
     assert api.job_queue("some_future_job") is None
     parsed = api.parse_telemetry('immich_jobs_library_some_future_job_success_total 2\n')
     assert parsed.unmapped == {"library_some_future_job"} and parsed.by_queue() == {}
+
+
+# --- the script's reading of a source tree (a small synthetic one, in a temporary git repository) ---
+
+ENUM_TS = """export enum QueueName {
+  Thumbs = 'thumbnailGeneration',
+  Background = 'backgroundTask',
+}
+
+export enum JobName {
+  // thumbnails
+  AssetGenerateThumbnails = 'AssetGenerateThumbnails',
+  FileDelete = 'FileDelete',
+  HTTPCheckV2 = 'HTTPCheckV2',
+}
+"""
+SERVICE_TS = """export class SomeService {
+  @OnJob({ name: JobName.AssetGenerateThumbnails, queue: QueueName.Thumbs })
+  async a() {}
+
+  @OnJob({
+    name: JobName.FileDelete,
+    queue: QueueName.Background,
+  })
+  async b() {}
+%s}
+"""
+CHECK_TS = "  @OnJob({ name: JobName.HTTPCheckV2, queue: QueueName.Background })\n  async c() {}\n"
+TELEMETRY_TS = "const jobMetric = `immich.jobs.${snakeCase(job.name)}.${status}`;\n"
+OLD_INTERFACE_TS = """export enum QueueName {
+  THUMBNAIL_GENERATION = 'thumbnailGeneration',
+}
+
+export enum JobName {
+  GENERATE_PREVIEW = 'generate-preview',
+  QUEUE_GENERATE_THUMBNAILS = 'queue-generate-thumbnails',
+}
+"""
+OLD_REPOSITORY_TS = """export const JOBS_TO_QUEUE: Record<JobName, QueueName> = {
+  [JobName.GENERATE_PREVIEW]: QueueName.THUMBNAIL_GENERATION,
+  [JobName.QUEUE_GENERATE_THUMBNAILS]: QueueName.THUMBNAIL_GENERATION,
+};
+const jobMetric = `immich.jobs.${name.replaceAll('-', '_')}.${status}`;
+"""
+
+
+def commit_tree(tmp_path, files: dict[str, str], message: str) -> tuple[str, str]:
+    work = tmp_path / "src"
+    gd = str(tmp_path / "git")
+    if not (tmp_path / "git").exists():
+        subprocess.run(["git", "init", "-q", "--bare", gd], check=True)
+    for path, text in files.items():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        (work / path).write_text(text)
+    g = ["git", f"--git-dir={gd}", f"--work-tree={work}", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*g, "add", "-A"], check=True)
+    subprocess.run([*g, "commit", "-q", "-m", message], check=True)
+    return gd, subprocess.run([*g, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_script_reads_on_job_decorators_and_snake_case_naming(tmp_path):
+    mod = script()
+    gd, c = commit_tree(tmp_path, {"server/package.json": '{"version": "3.1.0"}', "server/src/enum.ts": ENUM_TS,
+                                   "server/src/services/some.service.ts": SERVICE_TS % CHECK_TS,
+                                   "server/src/services/telemetry.service.ts": TELEMETRY_TS}, "chore: version v3.1.0")
+    assert mod.releases(gd) == [((3, 1, 0), c)]
+    fx = mod.derive(gd, (3, 1, 0), c)
+    assert fx["bindings"] == ["@OnJob"] and fx["naming"] == "snakeCase"
+    assert fx["jobs"] == [
+        {"job": "AssetGenerateThumbnails", "telemetry": "asset_generate_thumbnails", "queue": "thumbnailGeneration"},
+        {"job": "FileDelete", "telemetry": "file_delete", "queue": "backgroundTask"},
+        {"job": "HTTPCheckV2", "telemetry": "http_check_v_2", "queue": "backgroundTask"}]
+
+
+def test_script_fails_naming_the_job_without_a_queue(tmp_path):
+    mod = script()
+    gd, c = commit_tree(tmp_path, {"server/package.json": '{"version": "3.1.0"}', "server/src/enum.ts": ENUM_TS,
+                                   "server/src/services/some.service.ts": SERVICE_TS % "",
+                                   "server/src/services/telemetry.service.ts": TELEMETRY_TS}, "chore: version v3.1.0")
+    with pytest.raises(SystemExit, match=r"^v3\.1\.0: jobs without a queue binding: HTTPCheckV2$"):
+        mod.derive(gd, (3, 1, 0), c)
+
+
+def test_script_fails_on_a_decorator_it_does_not_understand(tmp_path):
+    mod = script()
+    odd = "  @OnJob({ queue: QueueName.Background, name: JobName.HTTPCheckV2 })\n  async c() {}\n"
+    gd, c = commit_tree(tmp_path, {"server/package.json": '{"version": "3.1.0"}', "server/src/enum.ts": ENUM_TS,
+                                   "server/src/services/some.service.ts": SERVICE_TS % odd,
+                                   "server/src/services/telemetry.service.ts": TELEMETRY_TS}, "chore: version v3.1.0")
+    with pytest.raises(SystemExit, match="@OnJob decorator not understood"):
+        mod.derive(gd, (3, 1, 0), c)
+
+
+def test_script_reads_the_jobs_to_queue_map_and_dash_naming(tmp_path):
+    mod = script()
+    gd, c = commit_tree(tmp_path, {"server/package.json": '{"version": "1.106.4"}',
+                                   "server/src/interfaces/job.interface.ts": OLD_INTERFACE_TS,
+                                   "server/src/repositories/job.repository.ts": OLD_REPOSITORY_TS}, "Version v1.106.4")
+    fx = mod.derive(gd, (1, 106, 4), c)
+    assert fx["bindings"] == ["JOBS_TO_QUEUE"] and fx["naming"] == "replaceAll('-', '_')"
+    assert [r["telemetry"] for r in fx["jobs"]] == ["generate_preview", "queue_generate_thumbnails"]
+    bad = OLD_REPOSITORY_TS.replace("name.replaceAll('-', '_')", "name.toLowerCase()")
+    gd, c = commit_tree(tmp_path, {"server/src/repositories/job.repository.ts": bad}, "Version v1.106.4")
+    with pytest.raises(SystemExit, match="expression not understood: 'name.toLowerCase\\(\\)'"):
+        mod.derive(gd, (1, 106, 4), c)
