@@ -54,7 +54,8 @@ while True:
 
 
 class Rig:
-    def __init__(self, ns: NestedSystemd, tmp: pathlib.Path, fake: FakeImmich, extra_args: list[str] = ()) -> None:
+    def __init__(self, ns: NestedSystemd, tmp: pathlib.Path, fake: FakeImmich, extra_args: list[str] = (),
+                 docker_socket: str | None = None) -> None:
         self.ns, self.tmp, self.fake = ns, tmp, fake
         self.spool = ns.base / "ml-spool.txt"
         self.spool.write_text("")
@@ -70,7 +71,8 @@ class Rig:
                 f"--journal.directory={ns.journal_dir}", f"--state.directory={tmp / 'state'}",
                 f"--immich.url={fake.url}", f"--immich.ml-url={fake.ml_url}", "--immich.timeout=1",
                 f"--collection.interval={INTERVAL}", f"--nvml.interval={INTERVAL}", f"--systemd.interval={INTERVAL}",
-                f"--immich.interval={INTERVAL}", f"--docker.socket={tmp / 'docker.sock'}", "--log.level=info",
+                f"--immich.interval={INTERVAL}", f"--docker.socket={docker_socket or tmp / 'docker.sock'}",
+                f"--docker.interval={INTERVAL}", "--log.level=info",
                 *extra_args]
         env = env_for(self.lib, self.scenario) | {"DBUS_SYSTEM_BUS_ADDRESS": ns.bus_address,
                                                    "IMMICH_GPU_EXPORTER_IMMICH_API_KEY": KEY}
