@@ -445,6 +445,8 @@ class DockerClient:
         except aiohttp.ClientConnectorError as e:
             reason = "permission_denied" if isinstance(e.os_error, PermissionError) else "no_socket"
             raise DockerUnavailable(reason, f"cannot connect to {self.socket_path}: {e.os_error}") from None
+        except asyncio.TimeoutError:  # a hung dockerd: its socket accepts, nothing answers
+            raise DockerUnavailable("timeout", f"{path}: no answer within {self.timeout:g}s") from None
         except (aiohttp.ClientError, ValueError) as e:
             raise DockerUnavailable("http_error", f"{path}: {type(e).__name__}: {e}") from None
 
@@ -463,6 +465,8 @@ class DockerClient:
                     yield chunk
         except (FileNotFoundError, aiohttp.ClientConnectorError) as e:
             raise DockerUnavailable("no_socket", f"cannot connect to {self.socket_path}: {e}") from None
+        except asyncio.TimeoutError:
+            raise DockerUnavailable("timeout", f"{path}: no answer within {self.timeout:g}s") from None
         except aiohttp.ClientError as e:
             raise DockerUnavailable("http_error", f"{path}: {type(e).__name__}: {e}") from None
 

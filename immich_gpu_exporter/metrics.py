@@ -149,9 +149,13 @@ _DEFS: list[MetricDef] = [
        ("reason",), "exporter"),
     _m("immich_gpu_exporter_journal_gaps_total", "counter",
        "Times the exporter found the journal entry it had read last deleted (the journal was rotated and "
-       "vacuumed while it was stopped or journalctl was down): the unit's entries logged in between were "
-       "lost unread, the one loss the journal allows. Their number cannot be known once deleted.", (),
-       "exporter"),
+       "vacuumed while it was stopped or journalctl was down): the units' entries logged in between were "
+       "lost unread, the one loss the journal allows.", (), "exporter"),
+    _m("immich_gpu_exporter_journal_entries_lost_total", "counter",
+       "Journal entries deleted unread in those gaps, from journald's sequence numbers: the entries between "
+       "the last one read and the oldest one left. journald numbers the entries of all units together, so "
+       "this is the ML and server units' loss at most (other units' entries deleted in the same range count "
+       "too). A gap whose size cannot be told (the journal begun afresh) adds to gaps only.", (), "exporter"),
     _m("immich_gpu_exporter_journal_labels_dropped_total", "counter",
        "Label values from the journal exposed as \"other\" because their label reached its cardinality cap.",
        ("label",), "exporter"),

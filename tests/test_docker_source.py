@@ -160,6 +160,26 @@ async def test_no_socket_means_no_docker_here_not_a_down_source(tmp_path):
     await src.close()
 
 
+async def test_a_socket_that_accepts_and_never_answers_is_a_timeout_not_a_dead_poll(tmp_path):
+    """A hung dockerd (its socket accepts, nothing answers): a call ends with DockerUnavailable("timeout")
+    after the client's timeout, so the source's poll goes on (it once died on the bare TimeoutError,
+    leaving the source up with the last containers forever). The real hung dockerd: test_faults_docker.py."""
+    import socket
+
+    path = str(tmp_path / "hung.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(8)  # never accepted, never answered
+    api = d.DockerClient(path, timeout=0.3)
+    try:
+        with pytest.raises(d.DockerUnavailable) as e:
+            await api.containers()
+        assert e.value.reason == "timeout"
+    finally:
+        await api.close()
+        srv.close()
+
+
 # --- the ML verdict from the container's log ------------------------------------------------------------
 
 @pytest.mark.parametrize("fixture", ["cuda_create_failed.export", "cuda_ok.export", "ep_fallback.export"])

@@ -152,6 +152,12 @@ def _state(tmp_path, ml: dict | None = None, **top) -> os.PathLike:
     ({"workers": {"a": 3}}, {}),
     ({}, {"cursor": 17}),
     ({}, {"parser": {"pending": []}}),
+    ({}, {"gaps": -1}),
+    ({}, {"entries_lost": True}),
+    ({}, {"entries_lost": 1e400}),
+    ({}, {"gaps": 10 ** 400}),
+    ({}, {"gap_at": ["s=1;i=2"]}),
+    ({}, {"gap_at": [3, 4]}),
 ])
 def test_wrong_typed_state_is_set_aside_with_one_warning_and_the_source_heals(tmp_path, ml, top):
     assert state_problem({"version": 1, "cursor": None, "parser": {}, "ml": ml, **top}) is not None
@@ -212,3 +218,38 @@ def test_entry_over_the_byte_bound_is_skipped_and_counted_and_the_next_one_is_re
     m, _ = once(jdir, tmp_path / "state")
     assert value(m, "immich_gpu_exporter_journal_entries_dropped_total", reason="oversized") == 1
     assert value(m, "immich_ml_preferred_execution_provider", provider=CUDA) == 1
+
+
+def test_cursor_seqnum_reads_real_cursors_and_refuses_the_rest(tmp_path):
+    import subprocess
+
+    from immich_gpu_exporter.sources.journal import cursor_seqnum
+    jdir = tmp_path / "journal"
+    jdir.mkdir()
+    write_journal(jdir / "system.journal", entries(["one", "two", "three"]))
+    out = subprocess.run(["journalctl", f"--directory={jdir}", "-o", "json"], capture_output=True, text=True,
+                         check=True).stdout
+    got = [cursor_seqnum(json.loads(ln)["__CURSOR"]) for ln in out.splitlines()]
+    assert len({sid for sid, _ in got}) == 1  # one journal, one seqnum_id
+    assert [n for _, n in got] == list(range(got[0][1], got[0][1] + 3))  # consecutive
+    for bad in ("", "i=zz;s=abc", "s=abc", "i=12", "garbage", None, 17):
+        assert cursor_seqnum(bad) is None
+
+
+def test_grow_pipe_of_a_child_that_exited_at_once_does_not_raise():
+    """journalctl that fails at once (its pipe already closed when pump() grows it) is an ordinary exit,
+    never a reading failure that resets the source's counters."""
+    import asyncio
+
+    from immich_gpu_exporter.sources.journal import _grow_pipe
+
+    async def main() -> None:
+        proc = await asyncio.create_subprocess_exec("true", stdout=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        assert await proc.stdout.read() == b""
+        await proc.wait()
+        await asyncio.sleep(0.05)  # the loop closes the pipe transport
+        _grow_pipe(proc)
+
+    asyncio.run(main())
+

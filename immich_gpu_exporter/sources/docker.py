@@ -276,6 +276,13 @@ class DockerSource(Source):
                 self._down = None
             except dapi.DockerUnavailable as e:
                 self._down = SourceDown(e.reason, e.detail)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever it was, the poll must go on (or the source
+                # would stay up showing the last containers forever)
+                if self._down is None or self._down.reason != "error":
+                    log.warning("docker: refreshing failed (%s: %s)", type(e).__name__, e)
+                self._down = SourceDown("error", f"{type(e).__name__}: {e}")
             self._seen_running = True
             self.wake()
             try:

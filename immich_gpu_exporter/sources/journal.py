@@ -12,7 +12,8 @@ half-joined records and the whole `MLState` (counters included) are written toge
 them and resumes with `--after-cursor`: entries up to the cursor are never read again, entries after
 it are applied exactly once to the restored counters, so counters continue where the persisted
 state left them (no reset). journalctl's own --cursor-file is not used: a killed --follow journalctl
-does not write it.
+does not write it. Entries deleted (rotated and vacuumed) before they were read are the one loss: each
+gap and the entries in it are counted, and saved with the cursor (`resume_args`).
 
 First start without a state file: a bounded backfill (`journal.backfill-entries`, from the ML unit's
 last `Starting gunicorn` / `Initializing Immich ML`) so the current provider is known at once.
@@ -150,6 +151,21 @@ def nvidia_driver_loaded(paths: tuple[str, ...]) -> bool | None:
     return any(os.path.exists(p) for p in paths)
 
 
+def cursor_seqnum(cursor: Any) -> tuple[str, int] | None:
+    """(seqnum_id, seqnum) of a journal cursor, or None. A cursor reads `s=<seqnum_id>;i=<seqnum, hex>;
+    b=<boot id>;m=...;t=...;x=...` on every systemd version (`__SEQNUM` in JSON needs systemd 254). journald
+    numbers every entry it writes, of every unit and every journal file, from one counter; a new counter
+    (new seqnum_id) starts only when the journal is begun afresh."""
+    if not isinstance(cursor, str):
+        return None
+    fields = dict(p.split("=", 1) for p in cursor.split(";") if "=" in p)
+    try:
+        seqnum = int(fields["i"], 16)
+    except (KeyError, ValueError):
+        return None
+    return (fields["s"], seqnum) if fields.get("s") else None
+
+
 def _first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), text.strip())
 
@@ -192,6 +208,9 @@ def bound_message(entry: dict[str, Any]) -> None:
 STATE_SHAPE: dict[str, Any] = {
     # key -> accepted types; the state file is rejected (and set aside) when a known key has another
     "cursor": (str, type(None)),
+    "gaps": int,
+    "entries_lost": int,
+    "gap_at": (list, type(None)),
     "parser": dict,
     "ml": dict,
     "transcode": dict,
@@ -214,6 +233,13 @@ def state_problem(data: Any) -> str | None:
         for k, types in shape.items():
             if k in where and not isinstance(where[k], types) or (types is int and isinstance(where.get(k), bool)):
                 return f"{k} has the wrong type ({type(where[k]).__name__})"
+    for k in ("gaps", "entries_lost"):
+        if not 0 <= data.get(k, 0) <= 1 << 53:
+            return f"{k} is out of range"
+    gap_at = data.get("gap_at")  # [vanished cursor, seqnum of the oldest entry left after it, or null]
+    if gap_at is not None and not (len(gap_at) == 2 and isinstance(gap_at[0], str) and (
+            gap_at[1] is None or isinstance(gap_at[1], int) and not isinstance(gap_at[1], bool))):
+        return "gap_at is malformed"
     ml = data.get("ml") or {}
     for k in ("providers_seen", "units_seen"):
         if not all(isinstance(x, str) for x in ml.get(k, ())):
@@ -254,6 +280,11 @@ class JournalSource(Source):
         self.cursor: str | None = None
         self.entries_read = 0
         self.gaps = 0  # times the saved cursor's entry had been vacuumed before the entries after it were read
+        self.entries_lost = 0  # journal entries deleted between the cursor and the oldest one left (seqnums)
+        # the vanished cursor whose gap is counted, and the seqnum of the oldest entry left after it then
+        # (None: unknown): a journalctl restarted (or an exporter restarted) before the cursor moved on
+        # must not count the same gap twice
+        self.gap_at: tuple[str, int | None] | None = None
         self._state_dir = state_directory(config["state.directory"])
         self._state_path: str | None = None
         self._loaded = False
@@ -308,6 +339,9 @@ class JournalSource(Source):
             self.ml.load(data.get("ml") or {})
             self.transcode.load(data.get("transcode") or {})
             self.cursor = data.get("cursor") or None
+            self.gaps, self.entries_lost = int(data.get("gaps", 0)), int(data.get("entries_lost", 0))
+            gap_at = data.get("gap_at")
+            self.gap_at = (gap_at[0], gap_at[1]) if gap_at else None
             if self.cursor is not None:  # a state saved before any entry was read has none to resume after
                 log.info("journal: resuming after the persisted cursor (%s)", path)
         except FileNotFoundError:
@@ -330,6 +364,7 @@ class JournalSource(Source):
         self.parser, self.ml = Parser(self.server_units, self.server_containers), MLState(self.ml.grace)
         self.transcode = TranscodeState(self.transcode.window)
         self.cursor = None
+        self.gap_at = None
 
     def _open_state_dir(self) -> None:
         try:
@@ -345,7 +380,9 @@ class JournalSource(Source):
             self._state_path = None
 
     def _serialise(self) -> str:
-        return json.dumps({"version": STATE_VERSION, "cursor": self.cursor, "parser": self.parser.dump(),
+        return json.dumps({"version": STATE_VERSION, "cursor": self.cursor, "gaps": self.gaps,
+                           "entries_lost": self.entries_lost, "gap_at": list(self.gap_at) if self.gap_at else None,
+                           "parser": self.parser.dump(),
                            "ml": self.ml.dump(), "transcode": self.transcode.dump(), "saved_at": time.time()},
                           separators=(",", ":"))
 
@@ -514,30 +551,79 @@ class JournalSource(Source):
             self._proc = None
         return rc, b"".join(err_parts).decode(errors="replace")
 
-    async def cursor_vacuumed(self) -> bool:
-        """Whether the saved cursor's entry is no longer in the journal. `--after-cursor` then silently
-        resumes at the next entry still there: whatever the unit logged in between was deleted (rotated
-        and vacuumed) before it was read, the one loss the journal allows. How many entries that was
-        cannot be known once they are deleted (journald keeps no per-unit sequence), so the gap itself is
-        counted (immich_gpu_exporter_journal_gaps_total)."""
-        proc = await asyncio.create_subprocess_exec(
-            *self.base_args(), f"--cursor={self.cursor}", *self.matches(), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, limit=MAX_ENTRY_BYTES + 1024)
+    async def cursor_vacuumed(self) -> tuple[bool, int | None]:
+        """Whether the saved cursor's entry is gone from the journal, and if so how many journal entries
+        were deleted after it (None: cannot be told). The first entry of the whole journal (no matches) at
+        the cursor's position is the cursor's own entry while it exists; once the journal was rotated and
+        vacuumed it is the oldest entry left after it, and the seqnums between the two are the entries
+        deleted unread. journald numbers the entries of all units together, so that count is the ML
+        units' loss at most (entries of other units deleted in the same range are in it too); which of the
+        deleted entries were the units' cannot be known once they are gone."""
+        args = [self._exe(), "-o", "json", "--no-pager", "--quiet", "--output-fields=_BOOT_ID",
+                f"--cursor={self.cursor}"]
+        if self.directory:
+            args.append(f"--directory={self.directory}")
+        # no --all: fields over 4 KiB print as null, so a line is small whatever a client logged
+        proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+                                                    limit=1 << 16)
+        rc: int | None = None
         try:
             assert proc.stdout is not None
             first = await asyncio.wait_for(proc.stdout.readline(), 10.0)
-        except (asyncio.TimeoutError, ValueError):  # no answer, or an entry over the bound: cannot tell
-            first = b""
+            if not first.strip():
+                rc = await asyncio.wait_for(proc.wait(), 10.0)
+        except (asyncio.TimeoutError, ValueError):  # no answer, or a line over the bound: cannot tell
+            return False, None
         finally:
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
         if not first.strip():
-            return False  # nothing at or after it: nothing was lost that could be read
+            # nothing at or after it, and journalctl content: the entry is gone, and so is everything
+            # after it (the journal was begun afresh); a failing journalctl tells nothing
+            return rc == 0, None
         try:
-            return json.loads(first).get("__CURSOR") != self.cursor
+            there = json.loads(first).get("__CURSOR")
         except (ValueError, AttributeError):
-            return False
+            return False, None
+        if there == self.cursor:
+            return False, None
+        saved, oldest = cursor_seqnum(self.cursor), cursor_seqnum(there)
+        if saved is None or oldest is None or saved[0] != oldest[0] or oldest[1] <= saved[1]:
+            return True, None  # another seqnum_id: the journal was begun afresh; the loss has no number
+        return True, oldest[1] - saved[1] - 1
+
+    async def resume_args(self) -> list[str]:
+        """How journalctl resumes from the saved cursor: `--after-cursor` while its entry exists; `--cursor`
+        (its position) when it was vacuumed, for journalctl 252's --after-cursor skips one entry after
+        seeking, found or not, so it would skip the oldest entry still there. A vanished cursor's gap is
+        counted once (immich_gpu_exporter_journal_gaps_total, and the deleted entries when their number is
+        known in immich_gpu_exporter_journal_entries_lost_total)."""
+        assert self.cursor is not None
+        vanished, lost = await self.cursor_vacuumed()
+        if not vanished:
+            return [f"--after-cursor={self.cursor}"]
+        oldest = None if lost is None else (cursor_seqnum(self.cursor) or ("", 0))[1] + lost + 1
+        if self.gap_at is None or self.gap_at[0] != self.cursor:
+            self.gaps += 1
+            self.entries_lost += lost or 0
+            self.gap_at = (self.cursor, oldest)
+            self._dirty = True
+            log.warning("journal: the entry of the saved cursor is gone (the journal was rotated and vacuumed "
+                        "while it was not read): %s; resuming at the oldest entry still there",
+                        f"{lost} journal entries (of all units) were deleted unread" if lost is not None
+                        else "entries logged in between are lost, how many cannot be told")
+        elif oldest is not None and self.gap_at[1] is not None and oldest > self.gap_at[1]:
+            # the same vanished cursor, vacuumed further before the reader got past it (no entry of the
+            # units came since): the entries deleted this time are a new gap
+            more = oldest - self.gap_at[1]
+            self.gaps += 1
+            self.entries_lost += more
+            self.gap_at = (self.cursor, oldest)
+            self._dirty = True
+            log.warning("journal: %d more journal entries after the vanished cursor were deleted unread", more)
+        return [f"--cursor={self.cursor}"]
 
     def _is_ml(self, e: dict[str, Any]) -> bool:
         # same attribution as mllog.Parser.feed: a server unit wins over a (podman quadlet) container name
@@ -660,20 +746,11 @@ class JournalSource(Source):
                         self._on_chunk()
                     if rc != 0 or stderr_down(err):
                         raise _Failed(rc, err)
-                at_cursor = False
-                if self.cursor is not None and await self.cursor_vacuumed():
-                    # --after-cursor would also skip the first entry still there (journalctl 252 skips
-                    # one entry after seeking, found or not): start AT the vanished cursor's position
-                    at_cursor = True
-                    self.gaps += 1
-                    log.warning("journal: the entry of the saved cursor is gone (the journal was rotated and "
-                                "vacuumed while it was not read): entries of the unit logged in between are lost; "
-                                "resuming at the oldest entry still there")
                 # --lines=all always: --follow alone implies --lines=10, and journalctl applies that
                 # after --after-cursor too, so a resume with more than ten new entries lost the rest
                 args = self.base_args() + ["--follow", "--lines=all"]
                 if self.cursor:
-                    args.append(f"--cursor={self.cursor}" if at_cursor else f"--after-cursor={self.cursor}")
+                    args += await self.resume_args()
                 rc, err = await self.pump(args + self.matches(), self._on_chunk)
                 raise _Failed(rc, err)
             except asyncio.CancelledError:
@@ -733,6 +810,7 @@ class JournalSource(Source):
         dropped = [sample("immich_gpu_exporter_journal_entries_dropped_total", self.dropped.get(r, 0), reason=r)
                    for r in ("untrusted", "oversized")]
         dropped.append(sample("immich_gpu_exporter_journal_gaps_total", self.gaps))
+        dropped.append(sample("immich_gpu_exporter_journal_entries_lost_total", self.entries_lost))
         dropped += [sample("immich_gpu_exporter_journal_labels_dropped_total", n, label=label)
                     for label, n in sorted(getattr(self.ml, "labels_dropped", {}).items())]
         if not self.ml.entries and self.hub.facts("docker").get("ml_logs"):
@@ -751,7 +829,7 @@ class JournalSource(Source):
         if self.cursor is None:
             rc, err = await self.backfill()
         else:
-            rc, err = await self.pump(self.base_args() + [f"--after-cursor={self.cursor}"] + self.matches())
+            rc, err = await self.pump(self.base_args() + await self.resume_args() + self.matches())
         down = stderr_down(err)
         if down is not None:
             raise down
@@ -789,7 +867,9 @@ def _grow_pipe(proc: asyncio.subprocess.Process) -> None:
         transport = proc._transport  # type: ignore[attr-defined]
         pipe = transport.get_pipe_transport(1).get_extra_info("pipe")
         fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-    except (AttributeError, OSError, ImportError):
+    except (AttributeError, OSError, ImportError, ValueError):
+        # ValueError: the pipe is closed already (a journalctl that exited at once); pump() then reads
+        # the end of its output as usual
         pass
 
 
