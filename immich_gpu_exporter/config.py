@@ -593,6 +593,15 @@ def _check_probe(values: Mapping[str, Any]) -> None:
     if not key or not header_safe(key):
         raise ConfigError(f"--probe.key-file: {path} holds no usable key (empty, or characters an HTTP header "
                           "cannot carry)")
+    admin = values["immich.api-key"]
+    if values["immich.api-key-file"]:
+        try:
+            admin, _ = read_key_file(values["immich.api-key-file"])
+        except OSError:
+            admin = None  # the Immich source says why, as it always does
+    if admin and admin == key:
+        raise ConfigError(f"--probe.key-file: {path} holds the admin API key; give the probe its own key with only "
+                          "asset.read (docs/probe.md)")
 
 
 def option_table() -> Sequence[Option]:
