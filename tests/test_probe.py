@@ -121,7 +121,9 @@ def test_a_hung_search_is_a_timeout_and_never_blocks_the_scrape(tmp_path):
             assert status == 200 and not [r for r in fake.responses if r.path == SEARCH]
             assert b'immich_gpu_exporter_source_up{source="probe"}' in body
             wait_for(lambda: probes(exp, "timeout") >= 1, 15, what="a timeout counted")
-            assert probes(exp, "ok") == 0
+            m = parse(exp.metrics())
+            assert value(m, "immich_smart_search_probes_total", result="ok") == 0
+            assert value(m, "immich_gpu_exporter_source_up", source="probe") == 1  # a timeout is no outage
             assert "Smart Search probe of" in exp.logs() and "timeout (no answer within 1s)" in exp.logs()
 
 
@@ -204,3 +206,15 @@ async def test_a_key_file_gone_at_run_time_takes_the_source_down_and_a_loose_one
         finally:
             await src.close()
     assert len(fake.api_requests(SEARCH)) == 2
+
+
+def test_docs_list_the_buckets_and_results_the_probe_uses():
+    import pathlib
+    import re
+
+    from immich_gpu_exporter.sources.probe import RESULTS
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "probe.md").read_text()
+    listed = re.search(r"Its bucket boundaries, in seconds:\n\n`([^`]+)`", doc)
+    assert listed and tuple(float(b) for b in listed.group(1).split(",")) == BOUNDS
+    assert tuple(re.findall(r"^\| `(\w+)` \|", doc, re.M)[-len(RESULTS):]) == RESULTS
