@@ -5,7 +5,6 @@ through the real exporter process."""
 from __future__ import annotations
 
 import logging
-import time
 from types import MappingProxyType
 
 import pytest
