@@ -584,15 +584,24 @@ def _check_probe(values: Mapping[str, Any]) -> None:
     if not path:
         raise ConfigError("--probe.interval is set but --probe.key-file is not: the probe needs an API key with "
                           "asset.read, the permission Smart Search needs (docs/probe.md)")
-    from .files import problem_text, read_small
+    from .files import header_safe, problem_text, read_key_file
 
     try:
-        key = read_small(path, 4096).decode("utf-8", "replace").strip()
+        key, _ = read_key_file(path)
     except OSError as e:
         raise ConfigError(f"--probe.key-file: cannot read {path}: {problem_text(e)}") from None
-    if not key or not all(0x21 <= ord(c) <= 0x7E for c in key):
+    if not key or not header_safe(key):
         raise ConfigError(f"--probe.key-file: {path} holds no usable key (empty, or characters an HTTP header "
                           "cannot carry)")
+    admin = values["immich.api-key"]
+    if values["immich.api-key-file"]:
+        try:
+            admin, _ = read_key_file(values["immich.api-key-file"])
+        except OSError:
+            admin = None  # the Immich source says why, as it always does
+    if admin and admin == key:
+        raise ConfigError(f"--probe.key-file: {path} holds the admin API key; give the probe its own key with only "
+                          "asset.read (docs/probe.md)")
 
 
 def option_table() -> Sequence[Option]:

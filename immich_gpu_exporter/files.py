@@ -1,4 +1,4 @@
-"""Reading the small files an operator points the exporter at (config, web config, API key, state).
+"""Reading the small files an operator points the exporter at (config, web config, API keys, state).
 
 Any path a user can configure may be a FIFO (open() blocks until a writer comes), a character
 device such as /dev/zero (read() never ends) or a huge file. `read_small()` opens without
@@ -43,6 +43,27 @@ def read_small(path: str, limit: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+API_KEY_LIMIT = 4096  # bytes; an Immich API key is 43
+
+
+def read_key_file(path: str) -> tuple[str, int]:
+    """The API key held in the file `path` ('' when it holds only whitespace) and the file's
+    permission bits, read like any other file here (read_small). Raises what read_small raises.
+    Shared by the admin key (--immich.api-key-file) and the probe's key (--probe.key-file)."""
+    key = read_small(path, API_KEY_LIMIT).decode("utf-8", "replace").strip()
+    return key, stat.S_IMODE(os.stat(path).st_mode)
+
+
+def header_safe(key: str) -> bool:
+    """True if the key can travel in an HTTP header as it is: printable ASCII, no spaces."""
+    return all(0x21 <= ord(c) <= 0x7E for c in key)
+
+
+def loosely_readable(mode: int) -> bool:
+    """Group or others may read a file with these permission bits (a key file should be 0600)."""
+    return bool(mode & (stat.S_IRGRP | stat.S_IROTH))
 
 
 def describe_mode(mode: int) -> str:

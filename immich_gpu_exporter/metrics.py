@@ -230,7 +230,8 @@ _DEFS: list[MetricDef] = [
     _m("immich_smart_search_probe_duration_seconds", "histogram",
        "Round trip of the exporter's own Smart Search through the API (the opt-in probe, --probe.interval; "
        "docs/probe.md), successful ones only, by the ONNX execution provider in force at the time. Each query "
-       "is new to the server's embedding cache, so each one includes an encode_text ML call.", ("provider",),
+       "is new to the server's embedding cache, so each one includes an encode_text ML call. Buckets from 0.01 s "
+       "to 30 s; counts from the exporter's start.", ("provider",),
        "probe"),
     _m("immich_smart_search_probes_total", "counter",
        "Probe searches by result: ok, disabled (the server's smart search is off), unauthorized (the probe key "

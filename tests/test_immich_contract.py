@@ -13,9 +13,12 @@ import json
 
 import pytest
 
+from immich_gpu_exporter import config as configmod
 from immich_gpu_exporter.core import SourceDown
+from immich_gpu_exporter.sources.base import Hub
+from immich_gpu_exporter.sources.probe import ProbeSource
 from tests.support import immich_spec, shared
-from tests.support.fake_immich import AUTH, FEATURES_V3, QUEUE_ADDED, FakeImmich, Key
+from tests.support.fake_immich import AUTH, FEATURES_V3, METHODS, QUEUE_ADDED, FakeImmich, Key
 from tests.support.immich_source import make_source
 
 SPEC = immich_spec.load()
@@ -34,7 +37,23 @@ async def _cycles(fake: FakeImmich, n: int = 2, **kw) -> None:
         await src.close()
 
 
-async def tour() -> list[FakeImmich]:
+SEARCH_KEY = Key(admin=False, permissions=frozenset({"asset.read"}))
+
+
+async def _probes(fake: FakeImmich, key_file, n: int = 2) -> None:
+    cfg = configmod.defaults().replace(immich_url=fake.url, probe_interval=60.0, probe_key_file=str(key_file))
+    src = ProbeSource(cfg, Hub(lambda: None))
+    try:
+        for _ in range(n):
+            try:
+                await asyncio.wait_for(src.collect(), src.timeout)
+            except SourceDown:
+                pass
+    finally:
+        await src.close()
+
+
+async def tour(tmp) -> list[FakeImmich]:
     """Every scenario, one fake each; returns the fakes with their request/response logs."""
     fakes = []
 
@@ -60,17 +79,25 @@ async def tour() -> list[FakeImmich]:
         {"aiCaptioning": {"active": 0, "completed": 0, "failed": 0, "delayed": 0, "waiting": 1, "paused": 0}}))
     await scenario(FakeImmich(), lambda f: f.broken_entries.add("ocr"))
     await scenario(FakeImmich(version=(1, 140, 0, None)), lambda f: f.broken_entries.add("smartSearch"))
+    # the Smart Search probe (docs/probe.md): a search key, a wrong key, the admin key, smart search off
+    for key, features_off in (("search", ()), ("wrong", ()), ("good-key", ()), ("search", ("smartSearch",))):
+        key_file = tmp / f"probe-{len(fakes)}.key"
+        key_file.write_text(key + "\n")
+        with FakeImmich(keys={"search": SEARCH_KEY, "good-key": Key()}) as fake:
+            fake.features_off.update(features_off)
+            await _probes(fake, key_file)
+        fakes.append(fake)
     return fakes
 
 
 @pytest.fixture(scope="module")
-def fakes():
-    return asyncio.run(tour())
+def fakes(tmp_path_factory):
+    return asyncio.run(tour(tmp_path_factory.mktemp("contract")))
 
 
 def test_the_fakes_auth_rules_are_the_specs():
     for path, (needs_auth, admin_only, perm) in AUTH.items():
-        assert SPEC.permission("GET", path) == (needs_auth, admin_only, perm), path
+        assert SPEC.permission(METHODS.get(path, "GET"), path) == (needs_auth, admin_only, perm), path
 
 
 def test_the_fake_knows_every_queue_and_feature_of_the_spec():
@@ -88,7 +115,7 @@ def test_every_request_of_the_client_follows_the_spec(fakes):
 def test_every_spec_response_of_the_fake_validates(fakes):
     checked = {r.path for f in fakes for r in f.responses if r.tag == "spec"}
     assert checked == {"/api/server/ping", "/api/server/version", "/api/server/features", "/api/queues",
-                       "/api/jobs", "/api/system-config"}
+                       "/api/jobs", "/api/system-config", "/api/search/smart"}
     for f in fakes:
         for r in f.responses:
             if r.tag == "spec":
@@ -139,7 +166,7 @@ def test_error_answers_have_immichs_error_shape(fakes):
                 assert body["statusCode"] == r.status and body["message"] and body["error"]
                 assert str(r.status) not in SPEC.operation(r.method, r.path).get("responses", {}) \
                     if SPEC.operation(r.method, r.path) else True
-    assert statuses == {401, 403, 404, 500}
+    assert statuses == {400, 401, 403, 404, 500}
 
 
 def test_the_validator_rejects_a_wrong_shape():
@@ -148,3 +175,15 @@ def test_the_validator_rejects_a_wrong_shape():
     assert any("isPaused" in e for e in errors) and any("'waiting' is a required property" in e for e in errors)
     assert SPEC.request_errors("GET", "/api/server/ping", {}, {"x-api-key": "k"}, b"")
     assert SPEC.request_errors("GET", "/api/queues", {"apiKey": "k"}, {}, b"")
+    search = {"x-api-key": "k"}
+    assert SPEC.request_errors("POST", "/api/search/smart", {}, search, b'{"query": "dog", "size": 1}') == []
+    assert any("1001 is greater than the maximum" in e for e in
+               SPEC.request_errors("POST", "/api/search/smart", {}, search, b'{"query": "dog", "size": 1001}'))
+    assert SPEC.request_errors("POST", "/api/search/smart", {}, search, b"")
+
+
+def test_the_probe_meets_each_answer_of_the_search_endpoint(fakes):
+    probed = [f for f in fakes if f.api_requests("/api/search/smart")]
+    assert [sorted({r.status for r in f.responses}) for f in probed] == [[200], [401], [403], [400]]
+    assert b"Smart search is not enabled" in probed[3].responses[0].body
+    assert len(probed[0].smart_queries) == 2

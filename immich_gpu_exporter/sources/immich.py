@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import stat
 import time
 from typing import Any
 
@@ -33,7 +32,7 @@ import aiohttp
 
 from .. import immich_api as api, latency, logs, remote
 from ..config import redact_url
-from ..files import problem_text, read_small
+from ..files import header_safe, loosely_readable, problem_text, read_key_file, read_small
 from .journal import state_directory, write_atomic
 from ..core import CollectResult, Sample, SourceDown, sample
 from ..timings import METHOD_BACKLOG, METHOD_TELEMETRY, Observation, QueueTimings
@@ -204,15 +203,13 @@ class ImmichSource(Source):
         if path:
             try:
                 # a FIFO or /dev/zero named here must not hang or fill the daemon: non-blocking, capped
-                mode = os.stat(path).st_mode
-                raw = read_small(path, 4096)
+                key, mode = read_key_file(path)
             except OSError as e:
                 raise SourceDown("api_key_file", f"cannot read the API key file {path}: {problem_text(e)}") from None
-            if mode & (stat.S_IRGRP | stat.S_IROTH) and not self._key_mode_warned:
+            if loosely_readable(mode) and not self._key_mode_warned:
                 self._key_mode_warned = True
                 log.warning("the API key file %s is readable by group or others (mode %o); chmod 600 it "
-                            "or use systemd LoadCredential=", path, stat.S_IMODE(mode))
-            key = raw.decode("utf-8", "replace").strip()
+                            "or use systemd LoadCredential=", path, mode)
             logs.add_secret(key)
             if not key:
                 raise SourceDown("api_key_file", f"the API key file {path} is empty")
@@ -220,7 +217,7 @@ class ImmichSource(Source):
             key = self.config["immich.api-key"] or None
             if key is None:
                 return None
-        if not all(0x21 <= ord(c) <= 0x7E for c in key):
+        if not header_safe(key):
             # Never echo it: a key with spaces or control characters cannot go into a header.
             raise SourceDown("api_key", "the API key contains characters not allowed in an HTTP header")
         return key

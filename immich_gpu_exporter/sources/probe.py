@@ -24,7 +24,7 @@ import aiohttp
 from .. import logs
 from ..config import redact_url
 from ..core import CollectResult, Sample, SourceDown, sample
-from ..files import problem_text, read_small
+from ..files import header_safe, loosely_readable, problem_text, read_key_file
 from ..latency import Histogram, histogram_samples
 from .base import Source, provider_in_force
 from .immich import read_capped
@@ -47,6 +47,11 @@ def classify(status: int, body: bytes) -> str:
     return "error"
 
 
+# what the log and the source's down detail say, by result (error and timeout carry their own)
+EXPLAIN = {"disabled": "Smart Search is not enabled on the server",
+           "unauthorized": "the probe key was refused; it needs asset.read"}
+
+
 class ProbeSource(Source):
     name = "probe"
     after = ("journal", "docker", "remote")
@@ -58,6 +63,7 @@ class ProbeSource(Source):
         self._hist: dict[str, Histogram] = {}
         self._results = dict.fromkeys(RESULTS, 0)
         self._last_result = ""
+        self._mode_warned = False
 
     @property
     def interval(self) -> float:
@@ -65,6 +71,7 @@ class ProbeSource(Source):
 
     @property
     def timeout(self) -> float:
+        # the request's own timeout fires first and counts as result="timeout"
         return float(self.config["probe.timeout"]) + 2.0
 
     async def close(self) -> None:
@@ -73,61 +80,75 @@ class ProbeSource(Source):
             self._session = None
 
     def _key(self) -> str:
+        """Read at every probe, like the admin key: a rotated key file needs no restart."""
         path = self.config["probe.key-file"]
         try:
-            key = read_small(path, 4096).decode("utf-8", "replace").strip()
+            key, mode = read_key_file(path)
         except OSError as e:
             raise SourceDown("probe_key_file", f"cannot read the probe key file {path}: {problem_text(e)}") from None
-        if not key or not all(0x21 <= ord(c) <= 0x7E for c in key):
-            raise SourceDown("probe_key_file", f"the probe key file {path} holds no usable key")
         logs.add_secret(key)
+        if not key or not header_safe(key):
+            raise SourceDown("probe_key_file", f"the probe key file {path} holds no usable key")
+        if loosely_readable(mode) and not self._mode_warned:
+            self._mode_warned = True
+            log.warning("the probe key file %s is readable by group or others (mode %o); chmod 600 it "
+                        "or use systemd LoadCredential=", path, mode)
         return key
 
     def query(self) -> str:
         """The phrase and a random word: never in the server's embedding cache."""
         return f"{self.config['probe.query']} {secrets.token_hex(4)}"
 
-    async def _search(self, key: str) -> tuple[str, float, str]:
+    def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=float(self.config["probe.timeout"])), raise_for_status=False)
+                timeout=aiohttp.ClientTimeout(total=float(self.config["probe.timeout"])),
+                headers={"User-Agent": "immich-gpu-exporter", "Accept": "application/json"})
+        return self._session
+
+    async def _search(self, key: str) -> tuple[str, float, str]:
+        """(result, seconds, detail) of one Smart Search; seconds is the whole round trip."""
         body = {"query": self.query(), "size": 1}
         t0 = time.perf_counter()
         try:
-            async with self._session.post(self._url, json=body, headers={"x-api-key": key},
-                                          allow_redirects=False) as r:
+            async with self._http().post(self._url, json=body, headers={"x-api-key": key},
+                                         allow_redirects=False) as r:
                 raw = await read_capped(r)
                 seconds = time.perf_counter() - t0
                 result = classify(r.status, raw or b"")
-                return result, seconds, {
-                    "ok": "", "disabled": f"HTTP {r.status}: Smart Search is not enabled on the server",
-                    "unauthorized": f"HTTP {r.status}: the probe key was refused; it needs asset.read"}.get(
-                        result, f"HTTP {r.status}")
+                detail = f"HTTP {r.status}" + (f": {EXPLAIN[result]}" if result in EXPLAIN else "")
+                return result, seconds, detail
         except asyncio.TimeoutError:
             return "timeout", time.perf_counter() - t0, f"no answer within {self.config['probe.timeout']:g}s"
         except aiohttp.ClientError as e:
+            # names host and port only; the key travels in a header
             return "error", time.perf_counter() - t0, f"{type(e).__name__}: {e}"
+
+    def _observe(self, result: str, seconds: float, provider: str) -> None:
+        self._results[result] += 1
+        if result == "ok":
+            one = Histogram(BOUNDS, tuple(1.0 if seconds <= b else 0.0 for b in BOUNDS), 1.0, seconds)
+            old = self._hist.get(provider)
+            self._hist[provider] = one if old is None else old.plus(one)
+
+    def _samples(self) -> list[Sample]:
+        out = [sample("immich_smart_search_probes_total", n, result=r) for r, n in self._results.items()]
+        for p, h in sorted(self._hist.items()):
+            out.extend(histogram_samples("immich_smart_search_probe_duration_seconds", h, per_second=1.0,
+                                         provider=p))
+        return out
 
     async def collect(self) -> CollectResult:
         key = self._key()
         provider = provider_in_force(self.hub) or ""
         result, seconds, detail = await self._search(key)
-        self._results[result] += 1
-        if result == "ok":
-            h = self._hist.get(provider) or Histogram(BOUNDS, (0.0,) * len(BOUNDS), 0.0, 0.0)
-            one = Histogram(BOUNDS, tuple(1.0 if seconds <= b else 0.0 for b in BOUNDS), 1.0, seconds)
-            self._hist[provider] = h.plus(one)
+        self._observe(result, seconds, provider)
         if result != self._last_result:
             self._last_result = result
             if result in ("error", "timeout"):  # the down cases are logged by the daemon, once
                 log.warning("Smart Search probe of %s: %s (%s)", redact_url(self._url), result, detail)
-        samples: list[Sample] = [sample("immich_smart_search_probes_total", n, result=r)
-                                 for r, n in self._results.items()]
-        for p, h in sorted(self._hist.items()):
-            samples.extend(histogram_samples("immich_smart_search_probe_duration_seconds", h, per_second=1.0,
-                                             provider=p))
+        samples = tuple(self._samples())
         if result in ("unauthorized", "disabled"):
             # the probe cannot measure anything until the admin acts: the source says so
-            raise SourceDown(result, f"{redact_url(self._url)}: {detail}", tuple(samples))
-        return CollectResult(tuple(samples), errors=(result,) if result != "ok" else ())
-
+            raise SourceDown(result, f"{redact_url(self._url)}: {detail}", samples)
+        return CollectResult(samples, errors=(result,) if result != "ok" else ())

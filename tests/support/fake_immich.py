@@ -3,7 +3,9 @@
 Real aiohttp servers in a background thread, so both in-process async tests and tests of the real
 exporter subprocess can use it. What it answers follows Immich v3.1.0 (research/immich.md §2, §3):
 the shapes of /api/server/{ping,version,features}, /api/queues and /api/jobs, the admin-only
-x-api-key checks with queue.read / job.read (`all` before v1.137), the Immich error body, and
+x-api-key checks with queue.read / job.read (`all` before v1.137), the Immich error body, the
+probe's POST /api/search/smart (asset.read, any user; 400 "Smart search is not enabled" while the
+smartSearch feature is off; an empty library's answer after `delay`), and
 telemetry counters `immich_jobs_<snake job>_<status>_total` (PascalCase-derived names from
 v1.136, kebab-derived before).
 
@@ -66,7 +68,10 @@ AUTH = {
     "/api/queues": (True, True, "queue.read"),
     "/api/jobs": (True, True, "job.read"),
     "/api/system-config": (True, True, "systemConfig.read"),
+    "/api/search/smart": (True, False, "asset.read"),
 }
+# Every path above answers GET, except:
+METHODS = {"/api/search/smart": "POST"}
 # Only the queue endpoints lacked their own permission before v1.137 (systemConfig.read is older).
 ALL_BEFORE_1_137 = frozenset({"/api/queues", "/api/jobs"})
 # A synthetic SystemConfigDto with planted secrets (tests/fixtures/immich/make_system_config.py).
@@ -195,6 +200,7 @@ class FakeImmich:
         self.ffmpeg_accel = ("nvenc", True)  # ffmpeg.accel, ffmpeg.accelDecode of /api/system-config
         self.telemetry_offset: dict[str, int] = {}  # counters restart from 0 after a restart
         self.requests: list[Recorded] = []
+        self.smart_queries: list[str] = []  # the query of every Smart Search answered 200
         self.responses: list[Response] = []
         self.ports = {"api": free_port(), "ml": free_port(), "telemetry": free_port(), "api_telemetry": free_port()}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -249,6 +255,19 @@ class FakeImmich:
         lines.append('immich_queues_smart_search_active{otel_scope_name="nestjs-otel"} 0')
         return "\n".join(lines) + "\n"
 
+    def _smart_search(self, raw: bytes) -> tuple[web.Response, str]:
+        """SearchService.searchSmart of v3.1.0 for a user with an empty library: the feature check
+        comes after authentication, then the query check; no asset ever matches."""
+        if "smartSearch" in self.features_off:
+            return self._error(400, "Smart search is not enabled", "Bad Request"), "error"
+        dto = json.loads(raw or b"{}")
+        if not dto.get("query") and not dto.get("queryAssetId"):
+            return self._error(400, "Either `query` or `queryAssetId` must be set", "Bad Request"), "error"
+        self.smart_queries.append(dto.get("query", ""))
+        return web.json_response({"albums": {"total": 0, "count": 0, "items": [], "facets": []},
+                                  "assets": {"total": 0, "count": 0, "items": [], "facets": [], "nextPage": None}}), \
+            "spec"
+
     # -- HTTP ------------------------------------------------------------------------------------
     def _error(self, status: int, message: str, error: str) -> web.Response:
         body = {"message": message, "error": error, "statusCode": status, "correlationId": uuid.uuid4().hex[:8]}
@@ -256,9 +275,10 @@ class FakeImmich:
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        raw = await request.read()
         with self.lock:
             self.requests.append(Recorded(request.method, path, dict(request.query), dict(request.headers),
-                                          await request.read(), "api"))
+                                          raw, "api"))
             delay = self.delay.get(path, 0.0)
         if delay:
             await asyncio.sleep(delay)
@@ -267,7 +287,7 @@ class FakeImmich:
         if huge:
             return await self._stream_huge(request, huge)
         with self.lock:
-            resp, tag = self._answer(request, path)
+            resp, tag = self._answer(request, path, raw)
             self.responses.append(Response(request.method, path, resp.status, resp.body or b"", tag, "api"))
         return resp
 
@@ -288,8 +308,8 @@ class FakeImmich:
             pass  # the client hung up, as it should
         return resp
 
-    def _answer(self, request: web.Request, path: str) -> tuple[web.Response, str]:
-        resp, tag = self._answer_current(request, self._path_of_era(path))
+    def _answer(self, request: web.Request, path: str, raw: bytes) -> tuple[web.Response, str]:
+        resp, tag = self._answer_current(request, self._path_of_era(path), raw)
         return resp, ("older_version" if tag == "spec" and path != self._path_of_era(path) else tag)
 
     def _path_of_era(self, path: str) -> str:
@@ -302,12 +322,13 @@ class FakeImmich:
             return "/nonexistent" + path
         return path
 
-    def _answer_current(self, request: web.Request, path: str) -> tuple[web.Response, str]:
+    def _answer_current(self, request: web.Request, path: str, raw: bytes) -> tuple[web.Response, str]:
         if path in self.status:
             st = self.status[path]
             return self._error(st, "Internal server error" if st >= 500 else "error", "Error"), "error"
-        if path not in AUTH or (path == "/api/queues" and not self.has_queues_endpoint()):
-            return self._error(404, f"Cannot GET {path}", "Not Found"), "error"
+        if path not in AUTH or (path == "/api/queues" and not self.has_queues_endpoint()) \
+                or request.method != METHODS.get(path, "GET"):
+            return self._error(404, f"Cannot {request.method} {path}", "Not Found"), "error"
         needs_auth, admin_only, perm = AUTH[path]
         if needs_auth:
             key = self.keys.get(request.headers.get("x-api-key", ""))
@@ -320,6 +341,8 @@ class FakeImmich:
                 return self._error(403, f"Missing required permission: {needed}", "Forbidden"), "error"
         if path in self.garbage:
             return web.Response(body=b'{"smartSearch": {"jobCounts": ', content_type="application/json"), "fault"
+        if path == "/api/search/smart":
+            return self._smart_search(raw)
         t = self.clock()
         tag = "spec"
         if path == "/api/server/ping":

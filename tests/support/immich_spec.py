@@ -103,6 +103,19 @@ class Spec:
                 errs.append(f"{method} {path}: missing required query parameter {p['name']!r}")
         if body and "requestBody" not in op:
             errs.append(f"{method} {path}: has a body but the operation takes none")
+        content = op.get("requestBody", {}).get("content", {}).get("application/json")
+        if content is not None:
+            if not body:
+                if op["requestBody"].get("required"):
+                    errs.append(f"{method} {path}: the operation needs a JSON body")
+            else:
+                try:
+                    doc = json.loads(body)
+                except ValueError as e:
+                    errs.append(f"{method} {path}: the body is not JSON ({e})")
+                else:
+                    errs += [f"{method} {path}: body {e.json_path}: {e.message}"
+                             for e in self.validator(content["schema"]).iter_errors(doc)]
         secured = bool(op.get("security"))
         has_key = any(k.lower() == "x-api-key" for k in headers)
         if not secured and has_key:
