@@ -97,7 +97,8 @@ def test_sighup_does_not_end_the_daemon(tmp_path):
         wait_for(lambda: "SIGHUP" in exporter.logs(), timeout=5)
 
 
-async def test_half_sent_request_head_is_closed_after_the_header_timeout():
+async def ok_runner() -> web.AppRunner:
+    """An aiohttp app answering GET / with "ok", set up for a Listener to serve."""
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -105,6 +106,11 @@ async def test_half_sent_request_head_is_closed_after_the_header_timeout():
     app.router.add_get("/", ok)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    return runner
+
+
+async def test_half_sent_request_head_is_closed_after_the_header_timeout():
+    runner = await ok_runner()
     listener = Listener(runner.server, cap=8, header_timeout=0.5)
     (host, port), *_ = await listener.start("127.0.0.1", 0)
     try:
@@ -186,13 +192,7 @@ async def test_stalled_tls_handshakes_are_bounded_and_a_tls_scrape_is_still_serv
     server_ctx.load_cert_chain(cert, key)
     client_ctx = ssl.create_default_context(cafile=str(cert))
 
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/", ok)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+    runner = await ok_runner()
     listener = Listener(runner.server, ssl_context=lambda: server_ctx, cap=4, header_timeout=0.5)
     (host, port), *_ = await listener.start("127.0.0.1", 0)
     try:

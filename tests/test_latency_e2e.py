@@ -25,8 +25,8 @@ from tests.support import dashboard, journal as jr
 from tests.support.exposition import parse, value
 from tests.support.fake_immich import FakeImmich, Key
 from tests.support.immich_telemetry import TelemetrySim
-from tests.support.ml_journal import fallback_export, healthy_cuda_start, on_the_same_boot
-from tests.support.nvml import CgroupTree, Gpu, Scenario, build_fake_nvml, env_for
+from tests.support.ml_journal import fallback_gpu_host, healthy_cuda_start, on_the_same_boot
+from tests.support.nvml import CgroupTree, Gpu, env_for
 from tests.support.prometheus import Prometheus
 from tests.support.proc import Exporter, wait_for
 
@@ -106,13 +106,7 @@ def board_query(title: str, ref: str = "A", **pick: str) -> str:
 
 def test_dashboard_latency_panels_show_the_truth_by_provider_on_one_and_two_hosts(tmp_path) -> None:
     rng = random.Random(20261205)
-    lib = build_fake_nvml(tmp_path / "fakenvml")
-    journal_dir = tmp_path / "journal"
-    journal_dir.mkdir()
-    jfile = journal_dir / "system.journal"
-    jr.write_journal(jfile, fallback_export())
-    scen = Scenario(tmp_path / "nvml.txt", gpus=[Gpu(used=300 * 2**20, util=0)])
-    scen.write()
+    lib, journal_dir, jfile, scen = fallback_gpu_host(tmp_path)
     sim, truth = TelemetrySim(), Truth()
     fake = FakeImmich(keys={KEY: Key()}, latency=sim)
     driver = tmp_path / "proc-driver-nvidia-version"

@@ -25,10 +25,10 @@ import uuid
 import pytest
 
 from tests.support import dashboard, journal as jr
-from tests.support.ml_journal import fallback_export, healthy_cuda_start, on_the_same_boot
+from tests.support.ml_journal import fallback_gpu_host, healthy_cuda_start, on_the_same_boot
 from tests.support.exposition import parse, value
 from tests.support.fake_immich import FakeImmich, Key, QueueSim
-from tests.support.nvml import CgroupTree, Gpu, Scenario, build_fake_nvml, env_for
+from tests.support.nvml import CgroupTree, Gpu, env_for
 from tests.support.prometheus import Prometheus, shortened_rules
 from tests.support.proc import Exporter, wait_for
 
@@ -53,13 +53,7 @@ def spj(prom: Prometheus, job: str, window: str) -> dict[str, float]:
 
 
 def test_two_hosts_give_the_one_host_numbers_and_alerts(tmp_path: pathlib.Path) -> None:
-    lib = build_fake_nvml(tmp_path / "fakenvml")
-    journal_dir = tmp_path / "journal"
-    journal_dir.mkdir()
-    jfile = journal_dir / "system.journal"
-    jr.write_journal(jfile, fallback_export())
-    scen = Scenario(tmp_path / "nvml.txt", gpus=[Gpu(used=300 * 2**20, util=0)])
-    scen.write()
+    lib, journal_dir, jfile, scen = fallback_gpu_host(tmp_path)
 
     # Jobs begin once all three exporters run and know the provider: every job-seconds series then
     # starts at 0 before the work (as on a host that has run for a while), so increase() needs no

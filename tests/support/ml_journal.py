@@ -9,8 +9,12 @@ import pathlib
 import re
 import subprocess
 import time
+from typing import TYPE_CHECKING
 
 from tests.support import journal as jr
+
+if TYPE_CHECKING:
+    from tests.support.nvml import Scenario
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -59,3 +63,19 @@ def on_the_same_boot(segment: bytes, journal_dir: pathlib.Path) -> bytes:
     segment = segment.replace(jr.BOOT_ID.encode(), last["_BOOT_ID"].encode())
     return re.sub(rb"__MONOTONIC_TIMESTAMP=\d+", lambda m: b"__MONOTONIC_TIMESTAMP=%d" % (mono + 1000 * next(step)),
                   segment)
+
+
+def fallback_gpu_host(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path, "Scenario"]:
+    """A GPU host whose ML journal holds the real v3.1.0 CPU fallback: the gcc-built fake NVML, the
+    journal directory and file, and an NVML scenario of one GPU without Immich's memory yet.
+    Returns (library, journal directory, journal file, scenario)."""
+    from tests.support.nvml import Gpu, Scenario, build_fake_nvml
+
+    lib = build_fake_nvml(tmp_path / "fakenvml")
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    jfile = journal_dir / "system.journal"
+    jr.write_journal(jfile, fallback_export())
+    scen = Scenario(tmp_path / "nvml.txt", gpus=[Gpu(used=300 * 2**20, util=0)])
+    scen.write()
+    return lib, journal_dir, jfile, scen
