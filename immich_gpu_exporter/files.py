@@ -85,3 +85,14 @@ def problem_text(e: OSError) -> str:
     if isinstance(e, IsADirectoryError):
         return "is a directory"
     return e.strerror or str(e)
+
+
+def set_aside(path: str) -> str:
+    """Rename an unusable state file to `<path>.bad` (kept for a post-mortem); returns what happened,
+    for the one warning line."""
+    aside = f"{path}.bad"
+    try:
+        os.replace(path, aside)
+        return f"moved to {aside}"
+    except OSError as e:
+        return f"could not move it aside: {e.strerror or e}"

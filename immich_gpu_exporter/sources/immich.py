@@ -32,7 +32,7 @@ import aiohttp
 
 from .. import immich_api as api, latency, logs, remote
 from ..config import redact_url
-from ..files import header_safe, loosely_readable, problem_text, read_key_file, read_small
+from ..files import header_safe, loosely_readable, problem_text, read_key_file, read_small, set_aside
 from .journal import state_directory, write_atomic
 from ..core import CollectResult, Sample, SourceDown, sample
 from ..timings import METHOD_BACKLOG, METHOD_TELEMETRY, Observation, QueueTimings
@@ -159,12 +159,8 @@ class ImmichSource(Source):
             pass
         except (OSError, ValueError, TypeError, RecursionError) as e:
             why = problem_text(e) if isinstance(e, OSError) else str(e)
-            try:
-                os.replace(path, path + ".bad")
-                where = f"moved to {path}.bad"
-            except OSError as err:
-                where = f"could not move it aside: {err.strerror or err}"
-            log.warning("immich: unusable latency state %s (%s); %s; the histograms start afresh", path, why, where)
+            log.warning("immich: unusable latency state %s (%s); %s; the histograms start afresh", path, why,
+                        set_aside(path))
             self.latency = latency.LatencyAccumulator()
         if not writable:
             return

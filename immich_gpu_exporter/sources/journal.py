@@ -35,7 +35,7 @@ import time
 from typing import Any, Callable
 
 from ..core import CollectResult, SourceDown, sample
-from ..files import problem_text, read_small
+from ..files import problem_text, read_small, set_aside
 from ..mllog import MLState, Parser, event_time, field_text, message_text, strip_ansi
 from ..transcode import TranscodeState
 from .base import Source
@@ -351,13 +351,8 @@ class JournalSource(Source):
 
     def _set_aside(self, path: str, why: str) -> None:
         """One warning; the bad state file is renamed (kept for a post-mortem) and we start afresh."""
-        aside = f"{path}.bad"
-        try:
-            os.replace(path, aside)
-            where = f"moved to {aside}"
-        except OSError as e:
-            where = f"could not move it aside: {e.strerror or e}"
-        log.warning("journal: unusable state file %s (%s); %s; starting afresh with a backfill", path, why, where)
+        log.warning("journal: unusable state file %s (%s); %s; starting afresh with a backfill", path, why,
+                    set_aside(path))
         self._reset()
 
     def _reset(self) -> None:
